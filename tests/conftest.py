@@ -21,6 +21,8 @@ PACK_NAME = str(REPO).replace(".", "_x_")
 
 class _Decoy(types.ModuleType):
     def __getattr__(self, name):
+        if name.startswith("__"):  # hasattr(module, "__file__") probes from inspect.getmodule (torch, diffusers)
+            raise AttributeError(name)
         raise ImportError(f"the pack imported the top-level module '{self.__name__}' (absolute import); "
                           "use a relative import")
 
@@ -43,3 +45,39 @@ _load_pack()
 def pack(submodule: str = ""):
     """The pack's module ``submodule`` ('' for the package, 'trainers.lora' for a trainer)."""
     return importlib.import_module(PACK_NAME + ("." + submodule if submodule else ""))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> dict:
+    """The tiny random SD1.x model, written once per session: diffusers folder, single file and tokenizer."""
+    return pack("trainers.tiny").make_tiny_model(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
+
+
+@pytest.fixture
+def components(tiny_model):
+    """A fresh copy of the tiny model's components (tests may train them in place)."""
+    return pack("trainers.models").load_base(tiny_model["single_file"])
+
+
+def make_subject_images(count: int = 4, size: int = 64, seed: int = 0):
+    """A small IMAGE batch ([B,H,W,3] in 0..1) of one made-up subject: a red blob with a blue cap on a pale
+    background, slightly moved in each photo."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    images = []
+    for i in range(count):
+        dx, dy = (torch.rand(2, generator=generator) - 0.5) * 0.3
+        image = torch.stack([0.85 - 0.1 * ys, 0.9 - 0.05 * ys, 0.95 + 0 * ys], dim=-1)
+        body = ((xs - dx) ** 2 + (ys - dy - 0.15) ** 2) < 0.25
+        cap = ((xs - dx).abs() < 0.15) & ((ys - dy + 0.45).abs() < 0.12)
+        image[body] = torch.tensor([0.8, 0.15, 0.15])
+        image[cap] = torch.tensor([0.1, 0.15, 0.7])
+        images.append(image)
+    return torch.stack(images).clamp(0, 1)
+
+
+@pytest.fixture
+def subject_images():
+    return make_subject_images()

@@ -8,10 +8,8 @@ last stdout line (with ``seconds`` and ``peak_rss_mb`` added). A PersonalizeErro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from typing import Any, Callable
 from .errors import PersonalizeError, TrainingCancelled
 from .options import default_of, options_of, validate
 
-_COMMAND_MODULES = ("tiny", "data")
+_COMMAND_MODULES = ("tiny", "data", "lora", "dreambooth", "metrics", "embedding")
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,11 @@ class Command:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process (0 where the platform cannot tell, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -45,14 +48,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type) -> None:
         if not spec.cli:
             continue
         default = default_of(f)
-        help_text = f"{spec.help} (default: {default!r})"
         if isinstance(default, bool):
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+                                help=spec.help)
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=default, choices=spec.choices,
-                                metavar=None if spec.choices else f.name.upper(), help=help_text)
+                                metavar=None if spec.choices else f.name.upper(), help=spec.help)
 
 
 def config_from_args(config_type, args: argparse.Namespace):

@@ -61,11 +61,12 @@ def load_subject_folder(folder, resolution: int = 512, fit: str = "crop") -> Sub
     # Dot files are skipped: macOS leaves '._photo.jpg' metadata files beside the photos.
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     if not entries:
-        raise PersonalizeError(f"Subject folder {folder} is empty; put 3-20 JPEG, PNG or WebP photos of the subject in it.")
+        raise PersonalizeError(f"Subject folder {folder} is empty; put 3-20 JPEG, PNG or WebP photos of the subject "
+                               "in it.")
     candidates = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if not candidates:
-        raise PersonalizeError(f"Subject folder {folder} has no .jpg, .jpeg, .png or .webp file "
-                               f"(it holds {', '.join(p.name for p in entries[:5])}{', ...' if len(entries) > 5 else ''}).")
+        listed = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise PersonalizeError(f"Subject folder {folder} has no .jpg, .jpeg, .png or .webp file (it holds {listed}).")
 
     pictures, captions, files, sizes, warnings = [], [], [], [], []
     for path in candidates:
@@ -169,7 +170,8 @@ def images_to_training_pixels(images: torch.Tensor, resolution: int) -> torch.Te
 
 
 def _add_arguments(parser) -> None:
-    parser.add_argument("folder", metavar="DIR", help="folder of JPEG/PNG/WebP photos, with optional <name>.txt captions")
+    parser.add_argument("folder", metavar="DIR",
+                        help="folder of JPEG/PNG/WebP photos, each with an optional <name>.txt caption")
 
 
 def _run(args, config: LoadSubjectConfig) -> dict:

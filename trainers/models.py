@@ -154,6 +154,14 @@ def infer_text_config(text_sd: dict) -> CLIPTextConfig:
 
 # ---------------------------------------------------------------------------------------------------- building
 
+def tokenizer_for(text_encoder: CLIPTextModel, folder: str | Path):
+    """The tokenizer in ``folder``, padding and truncating to the text encoder's positions (ComfyUI's bundled SD1
+    tokenizer files declare a longer maximum, since ComfyUI chunks long prompts itself)."""
+    tokenizer = load_tokenizer(folder)
+    tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    return tokenizer
+
+
 def _materialize(model_factory, state_dict: dict, dtype: torch.dtype, what: str):
     """Build a model without random init and fill it with copies of ``state_dict`` (never aliases the caller's
     tensors, so training cannot modify a host's live weights, and inference-mode tensors become normal ones)."""
@@ -196,7 +204,8 @@ def components_from_original(state_dict: dict, tokenizer_dir: str | Path, *, nam
             raise _shape_mismatch(error, "model") from None
     scheduler_config = shipped_config("sd15_scheduler")
     scheduler_config["prediction_type"] = detect_prediction_type(state_dict)
-    components = Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(tokenizer_dir),
+    components = Components(unet=unet, vae=vae, text_encoder=text_encoder,
+                            tokenizer=tokenizer_for(text_encoder, tokenizer_dir),
                             noise_scheduler=DDPMScheduler.from_config(scheduler_config), arch=arch, name=name,
                             tokenizer_dir=str(tokenizer_dir))
     components.fingerprint = fingerprint_state_dict(state_dict)
@@ -243,7 +252,7 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32) -> C
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).eval()
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype).eval()
     components = Components(unet=unet, vae=vae, text_encoder=text_encoder,
-                            tokenizer=load_tokenizer(folder / "tokenizer"),
+                            tokenizer=tokenizer_for(text_encoder, folder / "tokenizer"),
                             noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
                             name=folder.name, tokenizer_dir=str(folder / "tokenizer"))
     components.fingerprint = fingerprint_state_dict(original_state_dict(components))

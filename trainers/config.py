@@ -1,0 +1,62 @@
+"""The options every trainer shares. Each method's config subclasses ``TrainConfig`` and overrides defaults.
+
+Field names are the CLI flags (``batch_size`` → ``--batch-size``) and the node inputs; ``help`` is both the CLI help
+and the node tooltip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .options import option
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class TrainConfig:
+    prompt: str = option("a photo of sks dog", "instance prompt: a rare identifier (sks) followed by the subject's "
+                         "class noun; a caption file next to an image is appended to it")
+    steps: int = option(800, "optimizer steps", min=1, max=100_000)
+    lr: float = option(1e-4, "learning rate", min=0.0, max=1.0, step=1e-6)
+    batch_size: int = option(1, "images per step", min=1, max=64)
+    resolution: int = option(512, "training resolution in pixels (images are center-cropped squares)",
+                             min=64, max=2048, step=8)
+    seed: int = option(0, "seed for noise, timesteps and image order; the same seed repeats a run exactly on CPU",
+                       min=0, max=MAX_SEED)
+    lr_scheduler: str = option("constant", "learning-rate schedule",
+                               choices=("constant", "constant_with_warmup", "cosine"), advanced=True)
+    warmup_steps: int = option(0, "warm-up steps for the constant_with_warmup and cosine schedules",
+                               min=0, max=100_000, advanced=True)
+    gradient_accumulation: int = option(1, "micro-batches accumulated per optimizer step", min=1, max=64,
+                                        advanced=True)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: much less memory, "
+                                          "about 15-30% slower", advanced=True)
+    mixed_precision: str = option("auto", "autocast on CUDA (auto = bf16 where supported, else fp16); CPU always "
+                                  "trains in fp32", choices=("auto", "no", "fp16", "bf16"), advanced=True)
+    use_8bit_adam: bool = option(True, "8-bit AdamW from bitsandbytes when it is installed and training runs on "
+                                 "CUDA (plain AdamW otherwise)", advanced=True)
+    min_snr_gamma: float = option(0.0, "min-SNR-gamma loss weighting (0 = off, 5 = the paper's value)",
+                                  min=0.0, max=100.0, step=0.5, advanced=True)
+    noise_offset: float = option(0.0, "noise offset (0.05-0.1 helps very dark or bright images)",
+                                 min=0.0, max=1.0, step=0.01, advanced=True)
+    flip: bool = option(False, "random horizontal flips (off: many subjects are not symmetric)", advanced=True)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", min=0.0, max=100.0, advanced=True)
+    class_prompt: str = option("", "class prompt for prior preservation, e.g. 'a photo of a dog' "
+                               "(empty = no prior preservation)")
+    class_images: int = option(100, "number of class images generated with the base model for prior "
+                               "preservation (the DreamBooth paper used about 1000)", min=1, max=10_000)
+    prior_weight: float = option(1.0, "weight of the prior-preservation loss (the paper's lambda)",
+                                 min=0.0, max=100.0, step=0.05)
+    class_sampler_steps: int = option(25, "sampler steps per generated class image", min=1, max=200,
+                                      advanced=True)
+    class_guidance: float = option(7.5, "classifier-free guidance of the generated class images",
+                                   min=1.0, max=30.0, step=0.5, advanced=True)
+    train_text_encoder: bool = option(False, "also train the text encoder")
+    text_encoder_lr: float = option(5e-5, "learning rate of the text encoder", min=0.0, max=1.0, step=1e-6)
+    preview_every: int = option(0, "generate a preview image every N steps (0 = never)", min=0, max=100_000,
+                                advanced=True)
+
+    @property
+    def prior_preservation(self) -> bool:
+        return bool(self.class_prompt.strip()) and self.prior_weight > 0

@@ -1,0 +1,381 @@
+"""The one training loop. LoRA, DreamBooth and Textual Inversion differ only in their ``Method``: what is trainable
+(with which learning rates), how prompts are encoded, and what is exported.
+
+Per step: pick images (seeded), sample latents from the cached VAE posterior, add noise at random timesteps, predict
+with the UNet, MSE against the target of the model's prediction type (ε or v), optionally min-SNR weighted; with prior
+preservation the batch also holds as many class images, whose loss is added with weight λ (the DreamBooth paper's
+objective). Everything the frozen parts compute (latents, and prompt embeddings when the text encoder is frozen) is
+computed once. The loop runs under ``inference_mode(False)`` + ``enable_grad()`` so that it also trains when called
+from inside ``torch.inference_mode()``, which is how ComfyUI runs nodes.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from PIL import Image
+
+from .config import TrainConfig
+from .errors import PersonalizeError, TrainingCancelled
+from .models import Components
+from .optim import StochasticAdamW
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    lr: float
+
+
+@dataclass
+class Callbacks:
+    on_step: Callable[[StepInfo], None] | None = None
+    on_preview: Callable[[int, Image.Image], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    # Progress of preparation work (class-image generation): (done, total, what).
+    on_prepare: Callable[[int, int, str], None] | None = None
+
+    def stop_requested(self) -> bool:
+        return bool(self.should_stop and self.should_stop())
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    lrs: list[float]
+    steps: int
+    seconds_per_step: float
+    startup_seconds: float
+    instance_losses: list[float] = field(default_factory=list)
+    prior_losses: list[float] = field(default_factory=list)
+    # Set by run.personalize: the hash of every training input, stored in the artifact for reuse.
+    input_fingerprint: str = ""
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+
+class Method:
+    """What a personalization method changes. Subclasses set ``name`` and override the hooks they need."""
+
+    name = "method"
+    trains_text_encoder = False
+
+    def prepare(self, components: Components, config: TrainConfig) -> list[dict]:
+        """Freeze what must stay fixed, add what is trained; return optimizer parameter groups."""
+        raise NotImplementedError
+
+    def encode(self, components: Components, input_ids: torch.Tensor) -> torch.Tensor:
+        return components.text_encoder(input_ids)[0]
+
+    def prompts(self, config: TrainConfig, captions: list[str]) -> list[list[str]]:
+        """For each instance image, the prompts a step may pick from (one, unless the method varies them)."""
+        return [[f"{config.prompt}, {c}" if c.strip() else config.prompt] for c in captions]
+
+    def preview_prompt(self, config: TrainConfig) -> str:
+        return config.prompt
+
+    def after_step(self, components: Components, step: int, config: TrainConfig) -> None:
+        """Called after each optimizer step (e.g. to stop text-encoder training, or to clamp a norm)."""
+
+    def export(self, components: Components, config: TrainConfig, result: "TrainResult",
+               path: Path) -> tuple[Path, dict[str, str]]:
+        """Write the artifact atomically to ``path``; return the path and its metadata."""
+        raise NotImplementedError
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise PersonalizeError("--device cuda was requested but torch sees no CUDA GPU; use --device cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or config.mixed_precision == "no":
+        return None
+    if config.mixed_precision == "fp16" or (config.mixed_precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def make_optimizer(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
+        # Weights trained in bf16: round-to-nearest (torch's and bitsandbytes' AdamW) loses small updates.
+        return StochasticAdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if config.use_8bit_adam and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        except ImportError:
+            pass
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                             fused=fused, foreach=None if fused else True)
+
+
+@torch.no_grad()
+def encode_latent_posterior(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for [B,3,H,W] pixels in -1..1, computed once per run."""
+    means, stds = [], []
+    for chunk in pixels.split(batch_size):
+        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def denoising_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise PersonalizeError(f"unsupported prediction type {prediction!r} in the model's scheduler config")
+
+
+def per_sample_loss(prediction, target, scheduler, timesteps, min_snr_gamma: float) -> torch.Tensor:
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma > 0:
+        snr = compute_snr(scheduler, timesteps)
+        clipped = torch.clamp(snr, max=min_snr_gamma)
+        # ε-prediction weights min(SNR, γ)/SNR; v-prediction's target already carries a factor SNR+1.
+        weight = clipped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clipped / snr
+        loss = loss * weight
+    return loss
+
+
+@torch.no_grad()
+def fixed_denoising_loss(components: Components, pixels: torch.Tensor, prompt: str, *, seed: int = 1234,
+                         draws: int = 8) -> float:
+    """The model's denoising loss on ``pixels`` ([B,3,R,R] in -1..1) over a fixed set of (timestep, noise) draws.
+
+    The same seed gives the same draws, so before/after values of one run are directly comparable: a frozen model
+    gives exactly the same number, and a trainer that learns the subject lowers it.
+    """
+    device = components.unet.device
+    generator = torch.Generator("cpu").manual_seed(seed)
+    scheduler = components.noise_scheduler
+    mean, _ = encode_latent_posterior(components.vae, pixels)
+    latents = (mean * components.vae.config.scaling_factor).to(device)
+    hidden = components.text_encoder(tokenize(components.tokenizer, [prompt]).to(device))[0]
+    hidden = hidden.expand(latents.shape[0], -1, -1)
+    total = 0.0
+    for _ in range(draws):
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator).to(device)
+        prediction = components.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+        target = denoising_target(scheduler, latents, noise, timesteps)
+        total += F.mse_loss(prediction.float(), target.float()).item()
+    return total / draws
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _cosine_or_constant(optimizer, config: TrainConfig):
+    return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=config.steps)
+
+
+def train(components: Components, method: Method, instance_pixels: torch.Tensor, captions: list[str],
+          config: TrainConfig, *, class_pixels: torch.Tensor | None = None, device: torch.device | None = None,
+          callbacks: Callbacks | None = None) -> TrainResult:
+    """Train ``components`` in place with ``method``. Pixels are [B,3,R,R] in -1..1 on any device."""
+    callbacks = callbacks or Callbacks()
+    device = device or pick_device()
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            return _train(components, method, instance_pixels.clone(), captions, config,
+                          None if class_pixels is None else class_pixels.clone(), device, callbacks)
+        except torch.OutOfMemoryError:
+            raise PersonalizeError(
+                "out of GPU memory while training; turn on gradient_checkpointing, lower batch_size or resolution, "
+                "install bitsandbytes for 8-bit AdamW, or train LoRA instead of the full model") from None
+        except (PersonalizeError, TrainingCancelled) as error:
+            # The traceback would keep the loop's frame, and with it the optimizer state, alive.
+            error.__traceback__ = None
+            raise error
+        finally:
+            free_memory()
+
+
+def _train(components, method, instance_pixels, captions, config, class_pixels, device, callbacks) -> TrainResult:
+    started = time.perf_counter()
+    if class_pixels is None and config.prior_preservation:
+        raise PersonalizeError("prior preservation is on (class_prompt is set) but no class images were given")
+    use_prior = class_pixels is not None and config.prior_preservation
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    scheduler = components.noise_scheduler
+    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+
+    for module in (unet, vae, text_encoder):
+        module.to(device)  # before prepare, so that a method can see where it trains (DreamBooth's bf16 needs CUDA)
+    torch.manual_seed(config.seed)  # adapters and new vectors are initialised from the global generator
+    groups = method.prepare(components, config)
+    trainable = [p for g in groups for p in g["params"]]
+    if not trainable:
+        raise PersonalizeError(f"{method.name}: nothing to train (every parameter is frozen)")
+    amp_dtype = autocast_dtype(config, device)
+    for module in (unet, vae, text_encoder):
+        if amp_dtype is not None:
+            # Frozen weights only need to be read: keep them in half precision, trainable ones in fp32.
+            for parameter in module.parameters():
+                if not parameter.requires_grad:
+                    parameter.data = parameter.data.to(amp_dtype)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if method.trains_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    unet.train()
+    text_encoder.train(method.trains_text_encoder)
+
+    # Cached once: the frozen VAE's posterior of every image (and of its mirror image when flips are on).
+    def posterior(pixels: torch.Tensor):
+        mean, std = encode_latent_posterior(vae, pixels)
+        if config.flip:
+            flipped = encode_latent_posterior(vae, pixels.flip(-1))
+            return torch.stack([mean, flipped[0]]), torch.stack([std, flipped[1]])
+        return mean.unsqueeze(0), std.unsqueeze(0)
+
+    instance_mean, instance_std = posterior(instance_pixels)
+    class_mean = class_std = None
+    if use_prior:
+        class_mean, class_std = posterior(class_pixels)
+    scaling = vae.config.scaling_factor
+
+    prompt_options = method.prompts(config, captions)
+    all_prompts = sorted({p for options in prompt_options for p in options} | ({config.class_prompt} if use_prior
+                                                                              else set()))
+    prompt_index = {p: i for i, p in enumerate(all_prompts)}
+    all_ids = tokenize(components.tokenizer, all_prompts)
+    cached_embeddings = None
+    if not method.trains_text_encoder:
+        with torch.no_grad():
+            cached_embeddings = method.encode(components, all_ids.to(device)).detach()
+
+    optimizer = make_optimizer(groups, config, device)
+    lr_schedule = _cosine_or_constant(optimizer, config)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    n_images = instance_mean.shape[1]
+    losses, lrs, instance_losses, prior_losses, step_times = [], [], [], [], []
+    startup = time.perf_counter() - started
+    for step in range(1, config.steps + 1):
+        if callbacks.stop_requested():
+            raise TrainingCancelled()
+        step_started = time.perf_counter()
+        step_loss = step_instance = step_prior = 0.0
+        for _ in range(config.gradient_accumulation):
+            index = torch.randint(0, n_images, (config.batch_size,), generator=generator)
+            view = torch.randint(0, instance_mean.shape[0], (config.batch_size,), generator=generator)
+            mean, std = instance_mean[view, index], instance_std[view, index]
+            prompt_ids = [prompt_index[options[int(torch.randint(0, len(options), (1,), generator=generator))]]
+                          for options in (prompt_options[i] for i in index.tolist())]
+            if use_prior:
+                c_index = torch.randint(0, class_mean.shape[1], (config.batch_size,), generator=generator)
+                c_view = torch.randint(0, class_mean.shape[0], (config.batch_size,), generator=generator)
+                mean = torch.cat([mean, class_mean[c_view, c_index]])
+                std = torch.cat([std, class_std[c_view, c_index]])
+                prompt_ids += [prompt_index[config.class_prompt]] * config.batch_size
+            count = mean.shape[0]
+            latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * scaling
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            if config.noise_offset:
+                noise = noise + config.noise_offset * torch.randn((count, latents.shape[1], 1, 1),
+                                                                  generator=generator).to(device)
+            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator).to(device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            target = denoising_target(scheduler, latents, noise, timesteps)
+            with autocast():
+                if cached_embeddings is not None:
+                    hidden = cached_embeddings[prompt_ids]
+                else:
+                    hidden = method.encode(components, all_ids[prompt_ids].to(device))
+                prediction = unet(noisy, timesteps, hidden).sample
+            per_sample = per_sample_loss(prediction, target, scheduler, timesteps, config.min_snr_gamma)
+            instance_term = per_sample[: config.batch_size].mean()
+            loss = instance_term
+            if use_prior:
+                prior_term = per_sample[config.batch_size:].mean()
+                loss = instance_term + config.prior_weight * prior_term
+                step_prior += prior_term.detach() / config.gradient_accumulation
+            loss = loss / config.gradient_accumulation
+            (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss.detach()
+            step_instance += instance_term.detach() / config.gradient_accumulation
+        if scaler:
+            scaler.unscale_(optimizer)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step(components, step, config)
+
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):
+            raise PersonalizeError(f"the loss became {loss_value} at step {step}; training stopped and nothing was "
+                                   f"saved. Lower the learning rate (lr is {config.lr:g}) or turn mixed precision "
+                                   "off.")
+        losses.append(loss_value)
+        instance_losses.append(float(step_instance))
+        if use_prior:
+            prior_losses.append(float(step_prior))
+        lrs.append(lr_schedule.get_last_lr()[0])
+        step_times.append(time.perf_counter() - step_started)
+        if callbacks.on_step:
+            callbacks.on_step(StepInfo(step, config.steps, loss_value, lrs[-1]))
+        if callbacks.on_preview and config.preview_every and step % config.preview_every == 0:
+            callbacks.on_preview(step, preview(components, method.preview_prompt(config), config, amp_dtype))
+    unet.eval()
+    text_encoder.eval()
+    if config.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    measured = step_times[1:] or step_times
+    return TrainResult(losses=losses, lrs=lrs, steps=config.steps, seconds_per_step=statistics.median(measured),
+                       startup_seconds=startup, instance_losses=instance_losses, prior_losses=prior_losses)
+
+
+def preview(components: Components, prompt: str, config: TrainConfig, amp_dtype: torch.dtype | None) -> Image.Image:
+    """A quick sample from the model as it is now (then back to training mode)."""
+    from .sampling import sample_images
+
+    was_training = components.unet.training
+    components.unet.eval()
+    try:
+        with torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext():
+            return sample_images(components, [prompt], [config.seed], resolution=config.resolution, steps=20)[0]
+    finally:
+        components.unet.train(was_training)
