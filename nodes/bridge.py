@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..trainers.errors import TrainingCancelled
+from ..trainers.errors import PersonalizeError, TrainingCancelled
 from ..trainers.export import output_path, sanitize_name
 from ..trainers.loop import Callbacks, Method, StepInfo, free_memory
 from ..trainers.models import components_from_original, fingerprint_state_dict, read_metadata
@@ -70,8 +70,9 @@ def comfy_callbacks(node_id: str | None, total: int) -> Callbacks:
 
     def on_step(info: StepInfo) -> None:
         bar.update_absolute(info.step, info.total)
-        server.send_sync(LOSS_EVENT, {"node": node_id, "step": info.step, "total": info.total,
-                                      "loss": info.loss, "lr": info.lr}, server.client_id)
+        if server.client_id is not None:  # a prompt queued without a client id must not reach every browser
+            server.send_sync(LOSS_EVENT, {"node": node_id, "step": info.step, "total": info.total,
+                                          "loss": info.loss, "lr": info.lr}, server.client_id)
 
     def on_preview(step: int, image) -> None:
         bar.update_absolute(step, total, ("JPEG", image, 512))
@@ -96,9 +97,13 @@ class TrainedArtifact:
 
 
 def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tensor, captions: list[str] | None,
-                   *, folder_kind: str, name: str, suffix: str, overwrite: bool, node_id: str | None
-                   ) -> TrainedArtifact:
-    """Run (or reuse) a training for a node: the same inputs give the same file, also after a restart."""
+                   *, folder_kind: str, name: str, suffix: str, overwrite: bool, node_id: str | None,
+                   rename_on_collision: bool = True) -> TrainedArtifact:
+    """Run (or reuse) a training for a node: the same inputs give the same file, also after a restart.
+
+    A different file of the same name gets a ``_1``, ``_2``… suffix, unless ``rename_on_collision`` is off (an
+    embedding's file name is the word used in prompts): then it is an error, or replaced with ``overwrite``.
+    """
     import comfy.model_management
     import folder_paths
 
@@ -116,7 +121,10 @@ def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tenso
         try:
             components = components_from_original(state_dict, sd1_tokenizer_dir(), name=_base_name(model))
             del state_dict
-            out = output_path(folder, stem, suffix, overwrite=overwrite)
+            out = output_path(folder, stem, suffix, overwrite=overwrite or not rename_on_collision)
+            if out.exists() and not overwrite:
+                raise PersonalizeError(f"{out.name} already exists in {folder} and was trained from other inputs; "
+                                       "choose another name, or turn on overwrite to replace it")
             artifact = personalize(components, method, images, captions, config, out,
                                    class_cache_dir=Path(folder_paths.get_output_directory()) / "personalize_class_images",
                                    device=training_device(), callbacks=comfy_callbacks(node_id, config.steps))
@@ -142,3 +150,16 @@ def _base_name(model) -> str:
     """A readable name of the base checkpoint for the artifact's metadata."""
     config = getattr(getattr(model, "model", None), "model_config", None)
     return type(config).__name__ if config is not None else "comfyui-model"
+
+
+def register_model_folders() -> None:
+    """Add ComfyUI's ``models/dino`` folder kind (for DINOScore), keeping paths an extra_model_paths.yaml gave."""
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, "dino")
+    if "dino" in folder_paths.folder_names_and_paths:
+        paths, _extensions = folder_paths.folder_names_and_paths["dino"]
+        if default not in paths:
+            paths.append(default)
+    else:
+        folder_paths.folder_names_and_paths["dino"] = ([default], set(folder_paths.supported_pt_extensions))

@@ -8,10 +8,10 @@ from comfy_api.latest import io
 from ..trainers.options import default_of, options_of, validate
 
 
-def option_inputs(config_type, skip: tuple[str, ...] = ()) -> list[io.Input]:
+def option_inputs(config_type) -> list[io.Input]:
     inputs = []
     for f, spec in options_of(config_type):
-        if not spec.node or f.name in skip:
+        if not spec.node:
             continue
         default = default_of(f)
         common = dict(tooltip=spec.help, advanced=spec.advanced or None)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..trainers.lora import LoRAConfig, LoRAMethod
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy
 from .schema import config_from_inputs, option_inputs
-from .trainer_node import caption_lines, trainer_inputs, training_report
+from .trainer_node import caption_lines, trainer_inputs, training_ui
 from .types import LoRAArtifact
 
 
@@ -36,4 +36,4 @@ class TrainLoRA(io.ComfyNode):
                                   caption_lines(captions, images.shape[0]), folder_kind="loras", name=name,
                                   suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id)
         curve = pil_to_image_batch([loss_curve_image(artifact.losses, "LoRA loss")])
-        return io.NodeOutput(artifact, curve, artifact.name, ui=ui.PreviewText(training_report(artifact, "LoRA")))
+        return io.NodeOutput(artifact, curve, artifact.name, ui=training_ui(artifact, "LoRA"))

@@ -28,8 +28,11 @@ def caption_lines(captions: str | None, count: int) -> list[str] | None:
     return (lines + [""] * count)[:count]
 
 
-def training_report(artifact, what: str) -> str:
+def training_ui(artifact, what: str) -> dict:
+    """The node's report text, and its loss history so the web extension redraws the curve of a reused run."""
     if artifact.reused:
-        return f"{what} {artifact.name}: reused (same inputs as the run that wrote it)"
-    final = sum(artifact.losses[-10:]) / max(len(artifact.losses[-10:]), 1)
-    return f"{what} {artifact.name}: {len(artifact.losses)} steps, final loss {final:.4f}"
+        report = f"{what} {artifact.name}: reused (same inputs as the run that wrote it)"
+    else:
+        final = sum(artifact.losses[-10:]) / max(len(artifact.losses[-10:]), 1)
+        report = f"{what} {artifact.name}: {len(artifact.losses)} steps, final loss {final:.4f}"
+    return {"text": [report], "personalize_loss": list(artifact.losses)}

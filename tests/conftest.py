@@ -41,6 +41,12 @@ def _load_pack():
 
 _load_pack()
 
+# The test models are tiny: a second intra-op thread buys nothing, and on a busy 2-core machine its spin-waits make
+# every operator ~100x slower.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 def pack(submodule: str = ""):
     """The pack's module ``submodule`` ('' for the package, 'trainers.lora' for a trainer)."""
@@ -60,22 +66,8 @@ def components(tiny_model):
 
 
 def make_subject_images(count: int = 4, size: int = 64, seed: int = 0):
-    """A small IMAGE batch ([B,H,W,3] in 0..1) of one made-up subject: a red blob with a blue cap on a pale
-    background, slightly moved in each photo."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    images = []
-    for i in range(count):
-        dx, dy = (torch.rand(2, generator=generator) - 0.5) * 0.3
-        image = torch.stack([0.85 - 0.1 * ys, 0.9 - 0.05 * ys, 0.95 + 0 * ys], dim=-1)
-        body = ((xs - dx) ** 2 + (ys - dy - 0.15) ** 2) < 0.25
-        cap = ((xs - dx).abs() < 0.15) & ((ys - dy + 0.45).abs() < 0.12)
-        image[body] = torch.tensor([0.8, 0.15, 0.15])
-        image[cap] = torch.tensor([0.1, 0.15, 0.7])
-        images.append(image)
-    return torch.stack(images).clamp(0, 1)
+    """A small IMAGE batch ([B,H,W,3] in 0..1) of one made-up subject (the pack's own synthetic photos)."""
+    return pack("trainers.synthetic").subject_photos(count, size, seed)
 
 
 @pytest.fixture

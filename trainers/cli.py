@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .errors import PersonalizeError, TrainingCancelled
 from .options import default_of, options_of, validate
 
-_COMMAND_MODULES = ("tiny", "data", "lora", "dreambooth", "metrics", "embedding")
+_COMMAND_MODULES = ("tiny", "data", "lora", "dreambooth", "metrics", "embedding", "demo")
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_type) -> None:
         default = default_of(f)
         if isinstance(default, bool):
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=spec.help)
+                                help=spec.help.replace("%", "%%"))
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=default, choices=spec.choices,
-                                metavar=None if spec.choices else f.name.upper(), help=spec.help)
+                                metavar=None if spec.choices else f.name.upper(), help=spec.help.replace("%", "%%"))
 
 
 def config_from_args(config_type, args: argparse.Namespace):

@@ -117,7 +117,7 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 
 def make_optimizer(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
-        # Weights trained in bf16: round-to-nearest (torch's and bitsandbytes' AdamW) loses small updates.
+        # Weights trained in bf16: torch's AdamW rounds each update to nearest, which loses most at DreamBooth's lr.
         return StochasticAdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     if config.use_8bit_adam and device.type == "cuda":
         try:
@@ -126,14 +126,20 @@ def make_optimizer(groups: list[dict], config: TrainConfig, device: torch.device
             return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         except ImportError:
             pass
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                             fused=fused, foreach=None if fused else True)
+    # Fused AdamW (CUDA, and CPU since torch 2.4) updates each tensor in one pass with no temporaries: on CPU it
+    # is ~1.7x faster than foreach, which also needs a transient copy of all parameters (+3.4 GB for SD1.5's UNet).
+    try:
+        return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True)
+    except (RuntimeError, ValueError):  # an older torch, or a device without the fused kernel
+        return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, foreach=True)
 
 
 @torch.no_grad()
-def encode_latent_posterior(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE posterior for [B,3,H,W] pixels in -1..1, computed once per run."""
+def encode_latent_posterior(vae, pixels: torch.Tensor, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for [B,3,H,W] pixels in -1..1, computed once per run.
+
+    One image at a time by default: this runs once, so batching saves little time, while the VAE's activations grow
+    with the batch (SD1.5 at 512 px in fp32: about 0.5 GB more per image) and could set the run's peak memory."""
     means, stds = [], []
     for chunk in pixels.split(batch_size):
         dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
@@ -252,7 +258,8 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            # transformers 5 renamed it; older releases (ComfyUI installs vary) only have the old name.
+            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
     unet.train()
     text_encoder.train(method.trains_text_encoder)
 

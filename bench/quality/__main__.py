@@ -1,0 +1,58 @@
+"""``python -m bench.quality``: the personalization quality benchmark (see ``benchmark.py``).
+
+    python -m bench.quality              # pretrain the toy model if not cached (once, ~10-15 min), then benchmark
+    python -m bench.quality pretrain     # only build the cached toy model and feature network
+    python -m bench.quality --seeds 0    # a quicker single-seed run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "pretrain"))
+    parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
+    parser.add_argument("--cache", default=None, help="cache folder for the toy model, the feature network and "
+                        "class images (default: $PERSONALIZE_QUALITY_CACHE or .cache/quality)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps for DreamBooth and LoRA")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of: dreambooth, "
+                        "dreambooth_no_prior, lora, lora_no_prior, embedding")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are small, "
+                        "and on a busy 2-core machine a second thread slows every operator down)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from . import assets
+    from .benchmark import Settings, run_benchmark
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    if args.command == "pretrain":
+        started = time.perf_counter()
+        toy = assets.toy_model(args.cache, log=log)
+        _, feature_info = assets.toy_embedder(args.cache, log=log)
+        print(json.dumps({"toy_model": toy["single_file"], "cached": toy["cached"], "info": toy["info"],
+                          "features": feature_info, "seconds": round(time.perf_counter() - started, 1)}, indent=2))
+        return 0
+    settings = Settings(seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.steps:
+        settings.steps = args.steps
+    if args.methods:
+        settings.methods = tuple(m.strip() for m in args.methods.split(","))
+    kwargs = {"out": args.out} if args.out else {}
+    report = run_benchmark(settings=settings, cache=args.cache, log=log, **kwargs)
+    print(json.dumps({"results": report["results"], "timing": report["timing"], "grid": report["grid"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

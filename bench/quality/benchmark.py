@@ -1,0 +1,300 @@
+"""Personalise the pretrained toy model on 4 photos of one toy with each of the pack's trainers, sample, and score.
+
+For each training seed: DreamBooth (full fine-tune) and LoRA, each with and without prior preservation, and Textual
+Inversion, all through ``run.personalize`` (the pack's Python API, artifact written and all). Each trained model
+samples the instance prompt and the class prompt with ``sampling.sample_images``; the pack's metrics module scores
+them with the toy feature network (see ``features.py``):
+
+* fidelity: ``metrics.dino_score`` of instance-prompt samples against the 4 instance photos (higher is closer);
+* PRES: ``metrics.pres_score`` of class-prompt samples against the instance photos (lower: less class collapse);
+* DIV: ``metrics.div_score`` of class-prompt samples (1 - mean pairwise cosine; higher is more diverse).
+
+Also per run: the pack's learning check (``loop.fixed_denoising_loss`` on the instance photos and on other toys in
+other scenes, after/before).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from . import assets, world
+from .pack import REPO, trainer
+
+loop = trainer("loop")
+models = trainer("models")
+run = trainer("run")
+sampling = trainer("sampling")
+metrics = trainer("metrics")
+data = trainer("data")
+dreambooth = trainer("dreambooth")
+lora = trainer("lora")
+embedding = trainer("embedding")
+
+INSTANCE_PROMPT = "a photo of sks toy"
+TOKEN = "<sks-toy>"
+TI_PROMPT = f"a photo of a {TOKEN}"
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Settings:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 100
+    samples: int = 8  # per prompt, per run
+    sampler_steps: int = 25
+    guidance: float = 5.0
+    class_images: int = 48
+    dreambooth_lr: float = 5e-5
+    lora_lr: float = 1e-3
+    lora_rank: int = 8
+    embedding_lr: float = 2e-2
+    embedding_steps: int = 200
+    instance_images: int = 4
+    resolution: int = 32
+    methods: tuple[str, ...] = ("dreambooth", "dreambooth_no_prior", "lora", "lora_no_prior", "embedding")
+
+
+RUNS = {  # name -> (table label, method key in the JSON, prior setting)
+    "dreambooth": ("DreamBooth (full fine-tune)", "dreambooth", "with_prior"),
+    "dreambooth_no_prior": ("DreamBooth (full fine-tune)", "dreambooth", "without_prior"),
+    "lora": ("LoRA", "lora", "with_prior"),
+    "lora_no_prior": ("LoRA", "lora", "without_prior"),
+    "embedding": ("Textual Inversion", "textual_inversion", "without_prior"),
+}
+
+
+def make_method(name: str, settings: Settings, seed: int):
+    common = dict(resolution=settings.resolution, seed=seed, mixed_precision="no")
+    prior = dict(class_prompt=world.CLASS_PROMPT, class_images=settings.class_images,
+                 class_sampler_steps=settings.sampler_steps, class_guidance=settings.guidance)
+    no_prior = dict(class_prompt="")
+    if name.startswith("dreambooth"):
+        config = dreambooth.DreamBoothConfig(
+            prompt=INSTANCE_PROMPT, steps=settings.steps, lr=settings.dreambooth_lr, gradient_checkpointing=False,
+            save_precision="fp16", **(no_prior if name.endswith("no_prior") else prior), **common)
+        return dreambooth.DreamBoothMethod(config), config, INSTANCE_PROMPT, ".safetensors"
+    if name.startswith("lora"):
+        config = lora.LoRAConfig(prompt=INSTANCE_PROMPT, steps=settings.steps, lr=settings.lora_lr,
+                                 rank=settings.lora_rank, alpha=float(settings.lora_rank),
+                                 **(no_prior if name.endswith("no_prior") else prior), **common)
+        return lora.LoRAMethod(config), config, INSTANCE_PROMPT, ".safetensors"
+    if name == "embedding":
+        config = embedding.EmbeddingConfig(token=TOKEN, init_word=world.CLASS_NOUN, steps=settings.embedding_steps,
+                                           lr=settings.embedding_lr, **common)
+        return embedding.EmbeddingMethod(config), config, TI_PROMPT, ".safetensors"
+    raise ValueError(name)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "values": [round(v, 4) for v in values]}
+
+
+def _pil(images: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray((im.numpy() * 255).round().astype("uint8")) for im in images]
+
+
+def score(embedder, instance_samples, class_samples, references) -> dict[str, float]:
+    return {"fidelity": metrics.dino_score(embedder, instance_samples, references).score,
+            "pres": metrics.pres_score(embedder, class_samples, references).score,
+            "div": metrics.div_score(embedder, class_samples).score}
+
+
+def sample_pair(components, instance_prompt: str, settings: Settings, seed: int):
+    seeds = [10_000 * (seed + 1) + i for i in range(settings.samples)]
+    kwargs = dict(resolution=settings.resolution, steps=settings.sampler_steps, guidance=settings.guidance)
+    return (sampling.sample_images(components, [instance_prompt] * settings.samples, seeds, **kwargs),
+            sampling.sample_images(components, [world.CLASS_PROMPT] * settings.samples, seeds, **kwargs))
+
+
+def save_grid(rows: list[tuple[str, list[Image.Image]]], path: Path, cell: int = 64, label_width: int = 190) -> Path:
+    columns = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (label_width + columns * cell, len(rows) * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for y, (label, images) in enumerate(rows):
+        for line, text in enumerate(label.split("\n")):
+            draw.text((6, y * cell + 8 + 14 * line), text, fill=(0, 0, 0))
+        for x, image in enumerate(images):
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (label_width + x * cell, y * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def run_benchmark(out: str | Path = REPO / "bench" / "results", settings: Settings | None = None,
+                  cache: str | Path | None = None, log=print) -> dict:
+    settings = settings or Settings()
+    out = Path(out)
+    started = time.perf_counter()
+    toy = assets.toy_model(cache, log=log)
+    pretrain_seconds = toy["info"].get("seconds")
+    embedder, feature_info = assets.toy_embedder(cache, log=log)
+    bench_started = time.perf_counter()
+
+    references, _ = world.instance_photos(settings.instance_images, settings.resolution, seed=0)
+    held_out, _ = world.instance_photos(8, settings.resolution, seed=1)
+    others, _ = world.other_photos(4, settings.resolution, seed=0)
+    instance_pixels = data.images_to_training_pixels(references, settings.resolution)
+    other_pixels = data.images_to_training_pixels(others, settings.resolution)
+
+    results: dict[str, list[dict]] = {name: [] for name in settings.methods}
+    base_runs, grid_rows = [], {}
+    real = {"fidelity": metrics.dino_score(embedder, held_out, references).score,
+            "div": metrics.div_score(embedder, held_out).score}
+    base = models.load_base(toy["single_file"])
+    base_loss = {}
+    for prompt in (INSTANCE_PROMPT, world.CLASS_PROMPT):
+        base_loss[prompt] = (loop.fixed_denoising_loss(base, instance_pixels, prompt),
+                             loop.fixed_denoising_loss(base, other_pixels, prompt))
+    class_cache = assets.cache_root(cache) / f"class-images-{toy['info']['fingerprint']}"
+    work = Path(tempfile.mkdtemp(prefix="quality-"))
+    try:
+        for seed in settings.seeds:
+            instance_samples, class_samples = sample_pair(base, INSTANCE_PROMPT, settings, seed)
+            base_runs.append(score(embedder, instance_samples, class_samples, references))
+            if seed == settings.seeds[0]:
+                grid_rows["base"] = (instance_samples, class_samples)
+            for name in settings.methods:
+                t0 = time.perf_counter()
+                method, config, prompt, suffix = make_method(name, settings, seed)
+                components = models.load_base(toy["single_file"])
+                artifact = run.personalize(components, method, references, None, config,
+                                           work / f"{name}-{seed}{suffix}", class_cache_dir=class_cache, device=CPU)
+                trained = time.perf_counter() - t0
+                before_prompt = INSTANCE_PROMPT if prompt == INSTANCE_PROMPT else world.CLASS_PROMPT
+                before_subject, before_other = base_loss[before_prompt]
+                learning = {"subject": loop.fixed_denoising_loss(components, instance_pixels, prompt) / before_subject,
+                            "other": loop.fixed_denoising_loss(components, other_pixels, prompt) / before_other}
+                instance_samples, class_samples = sample_pair(components, prompt, settings, seed)
+                row = score(embedder, instance_samples, class_samples, references)
+                row |= {"learning_ratio_subject": learning["subject"], "learning_ratio_other": learning["other"],
+                        "train_seconds": trained, "total_seconds": time.perf_counter() - t0,
+                        "final_loss": artifact.result.final_loss,
+                        "class_images_generated": artifact.class_images_generated}
+                results[name].append(row)
+                log(f"seed {seed} {name}: fidelity {row['fidelity']:.3f} PRES {row['pres']:.3f} "
+                    f"DIV {row['div']:.3f} | loss ratio subject {learning['subject']:.3f} other "
+                    f"{learning['other']:.3f} | {row['total_seconds']:.0f}s")
+                if seed == settings.seeds[0]:
+                    grid_rows[name] = (instance_samples, class_samples)
+                del components, method
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = {
+        "results": _aggregate(results, base_runs, real, settings),
+        "learning_ratios": {name: {k: _stats([r[f"learning_ratio_{k}"] for r in runs]) for k in ("subject", "other")}
+                            for name, runs in results.items()},
+        "per_seed": {name: runs for name, runs in results.items()} | {"base": base_runs},
+        "settings": asdict(settings) | {"instance": world.INSTANCE.describe(), "instance_prompt": INSTANCE_PROMPT,
+                                        "textual_inversion_prompt": TI_PROMPT, "class_prompt": world.CLASS_PROMPT},
+        "feature_extractor": {"name": "toy-world CNN (features.py), cosine of its embeddings"} | feature_info,
+        "model": {k: v for k, v in toy["info"].items() if k != "spec"} | {"spec": toy["info"].get("spec")},
+        "timing": {"pretraining_seconds": pretrain_seconds,
+                   "benchmark_seconds": round(time.perf_counter() - bench_started, 1),
+                   "total_seconds_this_run": round(time.perf_counter() - started, 1),
+                   "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), CPU"},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    grid = _grids(grid_rows, references, out / "quality.png")
+    report["grid"] = str(grid.relative_to(REPO)) if grid.is_relative_to(REPO) else str(grid)
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "quality.md").write_text(markdown(report))
+    return report
+
+
+def _aggregate(results, base_runs, real, settings) -> dict:
+    table: dict = {"real_images": {"without_prior": {"fidelity": _stats([real["fidelity"]]), "pres": None,
+                                                     "div": _stats([real["div"]])}},
+                   "base_model": {"without_prior": {k: _stats([r[k] for r in base_runs])
+                                                    for k in ("fidelity", "pres", "div")}}}
+    for name, runs in results.items():
+        _, key, prior = RUNS[name]
+        table.setdefault(key, {})[prior] = {k: _stats([r[k] for r in runs]) for k in ("fidelity", "pres", "div")}
+    return table
+
+
+def _grids(rows: dict, references: torch.Tensor, path: Path) -> Path:
+    labels = {"base": "base model", "dreambooth": "DreamBooth\n+ prior", "dreambooth_no_prior": "DreamBooth\nno prior",
+              "lora": "LoRA\n+ prior", "lora_no_prior": "LoRA\nno prior", "embedding": "Textual Inversion"}
+    lines = [("instance photos\n(training set)", _pil(references))]
+    for name, (instance_samples, class_samples) in rows.items():
+        blank = Image.new("RGB", (32, 32), (255, 255, 255))
+        lines.append((labels.get(name, name) + "\n\n[V] toy  |  a toy", instance_samples + [blank] + class_samples))
+    return save_grid(lines, path)
+
+
+def _cell(entry: dict | None, key: str) -> str:
+    if entry is None or entry.get(key) is None:
+        return "–"
+    value = entry[key]
+    return f"{value['mean']:.3f} ± {value['sd']:.3f}" if value["sd"] else f"{value['mean']:.3f}"
+
+
+def markdown(report: dict) -> str:
+    results, settings = report["results"], report["settings"]
+    seeds = len(settings["seeds"])
+    features = report["feature_extractor"]
+    lines = [
+        "# Personalization quality on the toy world",
+        "",
+        f"Subject: {settings['instance']}, {settings['instance_images']} photos at {settings['resolution']} px. "
+        f"Mean ± sd over {seeds} training seeds; each run samples {settings['samples']} images per prompt "
+        f"({settings['sampler_steps']} DDIM steps, guidance {settings['guidance']:g}). Scores: cosine similarity "
+        f"of the toy feature network's embeddings through the pack's metrics module (fidelity = `dino_score`, "
+        f"PRES = `pres_score`, DIV = `div_score`).",
+        "",
+        "## Subject fidelity (cf. DreamBooth paper, Table 1)",
+        "",
+        "| Method | Fidelity ↑ | PRES ↓ | DIV ↑ |",
+        "|---|---|---|---|",
+        f"| Real images (held-out photos of the toy) | {_cell(results['real_images']['without_prior'], 'fidelity')} "
+        f"| – | {_cell(results['real_images']['without_prior'], 'div')} |",
+    ]
+    for key, label in (("dreambooth", "DreamBooth (full fine-tune, prior preservation)"),
+                       ("lora", "LoRA (prior preservation)"), ("textual_inversion", "Textual Inversion"),
+                       ("base_model", "Base model, no training")):
+        entry = results.get(key, {})
+        entry = entry.get("with_prior") or entry.get("without_prior")
+        if entry:
+            lines.append(f"| {label} | {_cell(entry, 'fidelity')} | {_cell(entry, 'pres')} | {_cell(entry, 'div')} |")
+    lines += ["", "## Prior preservation (cf. DreamBooth paper, Table 3)", "",
+              "| Method | Prior preservation | PRES ↓ | DIV ↑ | Fidelity ↑ |", "|---|---|---|---|---|"]
+    for key, label in (("dreambooth", "DreamBooth"), ("lora", "LoRA")):
+        for prior, text in (("with_prior", "yes"), ("without_prior", "no")):
+            entry = results.get(key, {}).get(prior)
+            if entry:
+                lines.append(f"| {label} | {text} | {_cell(entry, 'pres')} | {_cell(entry, 'div')} | "
+                             f"{_cell(entry, 'fidelity')} |")
+    ratios = report["learning_ratios"]
+    lines += ["", "## Learning check (fixed-draw denoising loss after / before training)", "",
+              "| Run | Instance photos | Other toys, other scenes |", "|---|---|---|"]
+    for name, value in ratios.items():
+        lines.append(f"| {name} | {value['subject']['mean']:.3f} ± {value['subject']['sd']:.3f} | "
+                     f"{value['other']['mean']:.3f} ± {value['other']['sd']:.3f} |")
+    timing = report["timing"]
+    lines += [
+        "",
+        f"Feature extractor: {features['name']}. Leave-one-out nearest-neighbour accuracy on toy identity "
+        f"({features['gallery']}): toy network {features['toynet_nn_accuracy']:.2f}, ViT-S/16 with fixed random "
+        f"weights {features['random_vit_s16_nn_accuracy']:.2f}.",
+        "",
+        f"Samples: `{report['grid']}` (first seed; per method: instance prompt, then class prompt). "
+        f"Benchmark {timing['benchmark_seconds']:.0f} s; toy-model pretraining (once, cached) "
+        f"{timing['pretraining_seconds']} s; {timing['machine']}.",
+        "",
+        "Rerun: `python -m bench.quality` from the repository root (`--help` for options).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,222 @@
+"""Does each trainer learn the subject? The learning check, and proof that it catches broken trainers.
+
+The check: the denoising loss on the subject photos at a fixed set of (timestep, noise) draws
+(``loop.fixed_denoising_loss``), after / before a short training run, must be clearly below 1; for the full
+fine-tune and LoRA, the same loss on photos of *other* toys in *other* scenes must drop much less (the model learned
+this subject, not "images"). A frozen trainer gives exactly 1.000.
+
+The model is the toy world's ``MINI`` model (``bench/quality/toymodel.py``): the tiny SD1.x architecture,
+v-prediction, a VAE encoder whose latents carry the image at unit variance, and a few seconds of pretraining on
+captioned toy photos, so that losses start from a model that already denoises in general (on the random-weight tiny
+model every image looks alike: its VAE posterior is pure noise). The model is built once per module and loaded
+through the pack's own loader for every run.
+
+Each broken variant is made here, in the test, by patching only while training runs (the measurement after it uses
+the real code): frozen parameters (a Method whose prepare freezes everything and hands the optimizer a dummy),
+the wrong target for the prediction type (``loop.denoising_target``), timesteps stuck at 0 (the scheduler config
+the loop draws timesteps from), and no noise (``add_noise`` adds none). Each must fail the check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+from diffusers.configuration_utils import FrozenDict
+from torch import nn
+
+from conftest import pack
+
+loop = pack("trainers.loop")
+run = pack("trainers.run")
+data = pack("trainers.data")
+models = pack("trainers.models")
+dreambooth = pack("trainers.dreambooth")
+lora = pack("trainers.lora")
+embedding = pack("trainers.embedding")
+world = pack("bench.quality.world")
+toymodel = pack("bench.quality.toymodel")
+
+CPU = torch.device("cpu")
+RESOLUTION = 32
+PROMPT = "a photo of sks toy"
+TOKEN = "<tok>"
+TI_PROMPT = f"a photo of a {TOKEN}"
+TI_BEFORE_PROMPT = "a photo of a toy"  # the new vector starts as "toy"'s: the same conditioning before training
+
+SUBJECT = world.instance_photos(4, RESOLUTION, seed=0)[0]
+OTHER = world.other_photos(4, RESOLUTION, seed=0)[0]  # other toys, none sharing its shape or colour, other scenes
+
+# Limits of the check, per trainer: the after/before ratio on the subject must be below MAX_RATIO; and, where given,
+# the drop on the other photos may be at most OTHER_SHARE of the drop on the subject.
+MAX_RATIO = {"dreambooth": 0.9, "lora": 0.95, "embedding": 0.99}
+OTHER_SHARE = {"dreambooth": 0.5, "lora": 0.5}
+
+
+def configs():
+    common = dict(resolution=RESOLUTION, seed=0, steps=60, mixed_precision="no")
+    return {
+        "dreambooth": (dreambooth.DreamBoothMethod,
+                       dreambooth.DreamBoothConfig(prompt=PROMPT, class_prompt="", lr=3e-4,
+                                                   gradient_checkpointing=False, save_precision="fp32", **common)),
+        "lora": (lora.LoRAMethod, lora.LoRAConfig(prompt=PROMPT, lr=1e-2, rank=8, alpha=8.0,
+                                                  unet_targets="attention+projections+feedforward",
+                                                  save_precision="fp32", **common)),
+        "embedding": (embedding.EmbeddingMethod,
+                      embedding.EmbeddingConfig(token=TOKEN, init_word="toy", lr=5e-2, **common)),
+    }
+
+
+@pytest.fixture(scope="module")
+def mini_model(tmp_path_factory) -> dict:
+    return toymodel.make_toy_model(tmp_path_factory.mktemp("mini-toy"), toymodel.MINI, log=lambda *_: None)
+
+
+@dataclass
+class Learning:
+    subject: float  # after / before, subject photos
+    other: float  # after / before, other photos
+    components: object
+    before: object
+    artifact: object
+
+    def failures(self, trainer: str) -> list[str]:
+        """Why the learning check fails ([] when it passes)."""
+        problems = []
+        if not self.subject < MAX_RATIO[trainer]:
+            problems.append(f"subject loss ratio {self.subject:.3f} is not below {MAX_RATIO[trainer]}")
+        share = OTHER_SHARE.get(trainer)
+        if share is not None and (1 - self.other) > share * (1 - self.subject):
+            problems.append(f"the loss on other photos dropped too ({self.other:.3f} vs {self.subject:.3f} on the "
+                            "subject): it learned images, not this subject")
+        return problems
+
+
+def learn(mini_model, tmp_path, trainer: str, method_class=None, breakage=contextlib.nullcontext) -> Learning:
+    method_type, config = configs()[trainer]
+    method = (method_class or method_type)(config)
+    components = models.load_base(mini_model["single_file"])
+    before = models.load_base(mini_model["single_file"])
+    subject = data.images_to_training_pixels(SUBJECT, RESOLUTION)
+    other = data.images_to_training_pixels(OTHER, RESOLUTION)
+    before_prompt, after_prompt = (TI_BEFORE_PROMPT, TI_PROMPT) if trainer == "embedding" else (PROMPT, PROMPT)
+    subject_before = loop.fixed_denoising_loss(components, subject, before_prompt)
+    other_before = loop.fixed_denoising_loss(components, other, before_prompt)
+    with breakage(components):
+        artifact = run.personalize(components, method, SUBJECT, None, config, tmp_path / f"{trainer}.safetensors",
+                                   device=CPU)
+    return Learning(subject=loop.fixed_denoising_loss(components, subject, after_prompt) / subject_before,
+                    other=loop.fixed_denoising_loss(components, other, after_prompt) / other_before,
+                    components=components, before=before, artifact=artifact)
+
+
+# ---------------------------------------------------------------------------------------------------- breakages
+
+def frozen(method_type):
+    """The method, except that its prepare freezes everything and hands the optimizer a dummy parameter (which
+    the loss touches, times zero, so that backward still runs)."""
+
+    class Frozen(method_type):
+        def prepare(self, components, config):
+            super().prepare(components, config)
+            for module in (components.unet, components.vae, components.text_encoder):
+                module.requires_grad_(False)
+            self.dummy = nn.Parameter(torch.zeros(()))
+            self.trains_text_encoder = True  # prompts encoded each step, so the dummy is in the graph
+            return [{"params": [self.dummy], "lr": config.lr}]
+
+        def encode(self, components, input_ids):
+            return super().encode(components, input_ids) + 0 * self.dummy
+
+    return Frozen
+
+
+@contextlib.contextmanager
+def wrong_target(components):
+    """ε as the target of a v-prediction model (and v for an ε model)."""
+    original = loop.denoising_target
+
+    def swapped(scheduler, latents, noise, timesteps):
+        if scheduler.config.prediction_type == "v_prediction":
+            return noise
+        return scheduler.get_velocity(latents, noise, timesteps)
+
+    loop.denoising_target = swapped
+    try:
+        yield
+    finally:
+        loop.denoising_target = original
+
+
+@contextlib.contextmanager
+def timesteps_at_zero(components):
+    """The loop draws timesteps from [0, num_train_timesteps): make that range [0, 1)."""
+    scheduler = components.noise_scheduler
+    original = scheduler._internal_dict
+    scheduler._internal_dict = FrozenDict({**original, "num_train_timesteps": 1})
+    seen = []
+    hook = components.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    try:
+        yield
+    finally:
+        scheduler._internal_dict = original
+        hook.remove()
+    assert seen and all((t == 0).all() for t in seen), "the patch should have pinned every timestep to 0"
+
+
+@contextlib.contextmanager
+def no_noise(components):
+    """``add_noise`` scales the latents but adds no noise (the target still expects it)."""
+    scheduler = components.noise_scheduler
+    original = scheduler.add_noise
+    scheduler.add_noise = lambda latents, noise, timesteps: original(latents, torch.zeros_like(noise), timesteps)
+    try:
+        yield
+    finally:
+        del scheduler.add_noise
+
+
+BREAKAGES = {"wrong_target": wrong_target, "timesteps_at_zero": timesteps_at_zero, "no_noise": no_noise}
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("trainer", ["dreambooth", "lora"])
+def test_fine_tuning_learns_this_subject_not_just_images(mini_model, tmp_path, trainer):
+    learning = learn(mini_model, tmp_path, trainer)
+    assert learning.failures(trainer) == [], (learning.subject, learning.other)
+
+
+def test_textual_inversion_lowers_the_subject_loss_by_changing_only_the_new_row(mini_model, tmp_path):
+    learning = learn(mini_model, tmp_path, "embedding")
+    assert learning.failures("embedding") == [], learning.subject
+    # Structure: the token table grew by exactly one row, the old rows and every other weight are untouched, and
+    # the new row moved away from its initial value (the "toy" vector).
+    trained, base = learning.components, learning.before
+    old_table = base.text_encoder.get_input_embeddings().weight
+    new_table = trained.text_encoder.get_input_embeddings().weight
+    assert new_table.shape[0] == old_table.shape[0] + 1
+    assert torch.equal(new_table[:-1], old_table)
+    toy_row = old_table[base.tokenizer.convert_tokens_to_ids("toy</w>")]
+    assert not torch.allclose(new_table[-1], toy_row)
+    for name in ("unet", "vae", "text_encoder"):
+        before = {k: v for k, v in getattr(base, name).state_dict().items() if "token_embedding" not in k}
+        after = getattr(trained, name).state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), f"{name} weights changed"
+
+
+@pytest.mark.parametrize("trainer", ["dreambooth", "lora", "embedding"])
+def test_a_frozen_trainer_fails_the_check_with_a_ratio_of_exactly_one(mini_model, tmp_path, trainer):
+    method_type, _ = configs()[trainer]
+    learning = learn(mini_model, tmp_path, trainer, method_class=frozen(method_type))
+    assert learning.subject == 1.0 and learning.other == 1.0
+    assert learning.failures(trainer)
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+@pytest.mark.parametrize("trainer", ["dreambooth", "lora", "embedding"])
+def test_a_broken_trainer_fails_the_check(mini_model, tmp_path, trainer, breakage):
+    learning = learn(mini_model, tmp_path, trainer, breakage=BREAKAGES[breakage])
+    assert learning.failures(trainer), (learning.subject, learning.other)

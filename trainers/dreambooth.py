@@ -1,0 +1,156 @@
+"""DreamBooth (Ruiz et al. 2023): fine-tune every UNet layer (and optionally the text encoder) on 3-5 photos of a
+subject named by a rare identifier, with the prior-preservation loss on the base model's own class images keeping the
+class noun from collapsing onto the subject. The result is a complete SD1.x checkpoint in the original single-file
+layout (what ComfyUI's CheckpointLoader, A1111/Forge and diffusers' ``from_single_file`` load), optionally also as a
+diffusers folder.
+
+Callers: the CLI (``train-dreambooth``), and a node that builds ``Components`` from ComfyUI's MODEL/CLIP/VAE with
+``models.components_from_original`` and calls ``run.personalize(components, DreamBoothMethod(config), ...)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cli import Command
+from .config import TrainConfig
+from .errors import PersonalizeError
+from .export import IMPLEMENTATION_ORIGINAL, MODELSPEC_SD1, SAVE_DTYPES, modelspec_metadata, provenance_metadata
+from .loop import Method, TrainResult, pick_device
+from .models import Components, save_diffusers, save_single_file
+from .options import option
+from .run import add_training_arguments, run_training_command
+
+WEIGHTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class DreamBoothConfig(TrainConfig):
+    steps: int = option(1000, "optimizer steps: the paper's recipe is ~1000 (800-1200) for 3-5 photos",
+                        min=1, max=100_000)
+    lr: float = option(5e-6, "learning rate of the UNet (the paper's 5e-6; every weight moves, so it is ~20x "
+                       "lower than LoRA's)", min=0.0, max=1.0, step=1e-7)
+    class_prompt: str = option("a photo of a dog", "class prompt for prior preservation: the identifier-free "
+                               "instance prompt, e.g. 'a photo of a dog' (empty = no prior preservation)")
+    class_images: int = option(200, "class images generated with the base model for prior preservation (the "
+                               "paper used about 1000; 200 is the diffusers example's default)", min=1, max=10_000)
+    text_encoder_lr: float = option(5e-6, "learning rate of the text encoder when train_text_encoder is on",
+                                    min=0.0, max=1.0, step=1e-7)
+    text_encoder_steps: int = option(0, "stop training the text encoder after this many steps (0 = the whole run); "
+                                     "it overfits sooner than the UNet, so it is often trained for part of the run",
+                                     min=0, max=100_000, advanced=True)
+    gradient_checkpointing: bool = option(True, "recompute activations in the backward pass: much less memory "
+                                          "(with it and 8-bit AdamW, SD1.5 DreamBooth fits 12-16 GB), about 15-30% "
+                                          "slower", advanced=True)
+    weights_dtype: str = option("fp32", "precision of the trained weights: bf16 halves the memory of weights, "
+                                "gradients and optimizer state (CUDA with bf16 support only; updates are rounded "
+                                "stochastically)", choices=tuple(WEIGHTS_DTYPES), advanced=True)
+    save_precision: str = option("fp16", "precision of the saved checkpoint (fp16: ~2 GB for SD1.5)",
+                                 choices=tuple(SAVE_DTYPES), advanced=True)
+
+
+def check_device(config: DreamBoothConfig, device: torch.device) -> None:
+    """Refuse bf16 weights where they cannot work; call it early (before class images are generated) to fail fast."""
+    if config.weights_dtype != "bf16":
+        return
+    if device.type != "cuda" or not torch.cuda.is_bf16_supported():
+        raise PersonalizeError("weights_dtype bf16 needs a CUDA GPU with bf16 support (RTX 30xx/A100 or newer); "
+                               f"training runs on {device.type}. Use weights_dtype fp32.")
+    if config.mixed_precision == "fp16":
+        raise PersonalizeError("weights_dtype bf16 cannot be combined with mixed_precision fp16; use auto or bf16")
+
+
+class DreamBoothMethod(Method):
+    name = "dreambooth"
+
+    def __init__(self, config: DreamBoothConfig, diffusers_out: str | Path | None = None):
+        self.trains_text_encoder = config.train_text_encoder
+        self.diffusers_out = Path(diffusers_out) if diffusers_out else None
+
+    def prepare(self, components: Components, config: DreamBoothConfig) -> list[dict]:
+        check_device(config, components.unet.device)
+        dtype = WEIGHTS_DTYPES[config.weights_dtype]
+        # All three in the training dtype: ComfyUI hands over fp16 weights, and an fp16 VAE on CPU is slow.
+        for module in (components.unet, components.vae, components.text_encoder):
+            if module.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
+                module.to(dtype)
+        components.vae.requires_grad_(False)
+        components.unet.requires_grad_(True)
+        components.text_encoder.requires_grad_(self.trains_text_encoder)
+        groups = [{"params": list(components.unet.parameters()), "lr": config.lr}]
+        if self.trains_text_encoder:
+            groups.append({"params": list(components.text_encoder.parameters()), "lr": config.text_encoder_lr})
+        return groups
+
+    def after_step(self, components: Components, step: int, config: DreamBoothConfig) -> None:
+        if self.trains_text_encoder and step == config.text_encoder_steps:
+            # Grads are already None (zero_grad(set_to_none)); without requires_grad none are made again, and AdamW
+            # skips parameters without a grad, weight decay included. eval() also ends its gradient checkpointing.
+            components.text_encoder.requires_grad_(False)
+            components.text_encoder.eval()
+
+    def export(self, components: Components, config: DreamBoothConfig, result: TrainResult,
+               path: Path) -> tuple[Path, dict[str, str]]:
+        metadata = dreambooth_metadata(components, config, result, path)
+        if self.diffusers_out:
+            save_diffusers_atomic(components, self.diffusers_out)
+        return save_single_file(components, path, SAVE_DTYPES[config.save_precision], metadata), metadata
+
+
+def dreambooth_metadata(components: Components, config: DreamBoothConfig, result: TrainResult,
+                        path: Path) -> dict[str, str]:
+    text_encoder_steps = (min(config.text_encoder_steps or result.steps, result.steps)
+                          if config.train_text_encoder else 0)
+    return {
+        **provenance_metadata("dreambooth", components.name, components.fingerprint, config),
+        **modelspec_metadata(MODELSPEC_SD1, IMPLEMENTATION_ORIGINAL, path.stem, config.resolution, config.prompt,
+                             components.prediction_type),
+        "personalize.steps": str(result.steps),
+        "personalize.text_encoder_steps": str(text_encoder_steps),
+        "personalize.prior_weight": f"{config.prior_weight:g}" if config.prior_preservation else "0",
+    }
+
+
+def save_diffusers_atomic(components: Components, folder: Path) -> Path:
+    """Write a diffusers folder under a temporary name and rename it: a reader never sees half a model."""
+    if folder.exists():
+        raise PersonalizeError(f"{folder} already exists; choose another diffusers output folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_diffusers(components, tmp)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _add_arguments(parser) -> None:
+    add_training_arguments(parser)
+    parser.add_argument("--diffusers-out", default=None, help="also write the trained model as a diffusers folder "
+                        "here (must not exist yet)")
+
+
+def _run(args, config: DreamBoothConfig) -> dict:
+    check_device(config, pick_device(args.device))
+    diffusers_out = Path(args.diffusers_out) if args.diffusers_out else None
+    if diffusers_out and diffusers_out.exists():  # before training, not after it
+        raise PersonalizeError(f"--diffusers-out {diffusers_out} already exists; choose another folder")
+    result = run_training_command(args, config, DreamBoothMethod(config, diffusers_out))
+    return dict(result, diffusers=str(diffusers_out) if diffusers_out else None)
+
+
+COMMAND = Command(
+    name="train-dreambooth",
+    help="DreamBooth: fine-tune the whole model on a subject (prior preservation on by default) and save an SD1.x "
+         "single-file checkpoint (loads in ComfyUI, A1111/Forge and diffusers)",
+    add_arguments=_add_arguments,
+    config=DreamBoothConfig,
+    run=_run,
+)

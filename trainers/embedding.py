@@ -1,0 +1,243 @@
+"""Textual Inversion (Gal et al. 2022): a new token whose N vectors are the only thing trained; the model stays frozen.
+
+The token ``NAME`` with N vectors becomes the tokens ``NAME NAME_1 … NAME_{N-1}`` (diffusers' convention, which its
+pipelines expand from ``NAME`` at prompt time). During training the new vectors live in their own Parameter,
+spliced in by :class:`SplicedEmbedding`: the token table itself never reaches the optimizer, so not even AdamW's
+weight decay can move another row. Export folds them into the table (the components then equal the base model
+with the embedding loaded) and writes ``{"emb_params": [N, dim]}`` in fp32, which ComfyUI loads as
+``embedding:<file name>``, A1111/Forge by file name, and diffusers with :func:`load_embedding`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cli import Command
+from .config import TrainConfig
+from .errors import PersonalizeError
+from .export import atomic_save_safetensors, iso_date, provenance_metadata
+from .loop import Method, TrainResult
+from .models import Components, read_metadata
+from .options import option
+from .run import add_training_arguments, run_training_command
+
+# The paper's templates (ldm/data/personalized.py and personalized_style.py, duplicates removed).
+TEMPLATES = {
+    "object": [
+        "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+        "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+        "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+        "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+        "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+        "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+        "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+    ],
+    "style": [
+        "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+        "the painting in the style of {}", "a clean painting in the style of {}",
+        "a dirty painting in the style of {}", "a dark painting in the style of {}", "a picture in the style of {}",
+        "a cool painting in the style of {}", "a close-up painting in the style of {}",
+        "a bright painting in the style of {}", "a good painting in the style of {}",
+        "a rendition in the style of {}", "a nice painting in the style of {}", "a small painting in the style of {}",
+        "a weird painting in the style of {}", "a large painting in the style of {}",
+    ],
+}
+
+
+def _not_applicable(default):
+    return option(default, "not used by Textual Inversion", cli=False, node=False)
+
+
+@dataclass
+class EmbeddingConfig(TrainConfig):
+    # Not a node input: in ComfyUI the file name is the word in prompts (embedding:<name>), so the node uses it.
+    token: str = option("<subject>", "the new token (lowercase, no spaces, not a word the tokenizer already "
+                        "knows); in ComfyUI the file is used as embedding:<file name>", node=False)
+    init_word: str = option("object", "a coarse descriptor of the subject (e.g. 'cat', 'sculpture') the vectors "
+                            "start from; a phrase of several tokens starts from the mean of their vectors")
+    vectors: int = option(1, "vectors per token: more reproduce the subject more closely but follow prompts less "
+                          "well; each takes one of the prompt's 75 token slots", min=1, max=16)
+    templates: str = option("object", "training prompts: the paper's 'a photo of a {}' set for a subject, or its "
+                            "'a painting in the style of {}' set for a style", choices=tuple(TEMPLATES))
+    max_norm_ratio: float = option(2.0, "after each step, cap each new vector's length at this multiple of the "
+                                   "mean length of the existing token vectors, so that the token cannot drown out "
+                                   "the rest of a prompt (0 = no cap)",
+                                   min=0.0, max=100.0, step=0.1, advanced=True)
+    steps: int = option(2000, "optimizer steps (1500-3000 is typical)", min=1, max=100_000)
+    lr: float = option(5e-3, "learning rate of the new vectors", min=0.0, max=1.0, step=1e-5)
+    # Inherited options that do not apply: the prompts come from the templates, and the whole model (text encoder
+    # included) stays frozen, so there is no text-encoder training and no prior to preserve.
+    prompt: str = _not_applicable("")
+    train_text_encoder: bool = _not_applicable(False)
+    text_encoder_lr: float = _not_applicable(0.0)
+    class_prompt: str = _not_applicable("")
+    class_images: int = _not_applicable(0)
+    prior_weight: float = _not_applicable(0.0)
+    class_sampler_steps: int = _not_applicable(0)
+    class_guidance: float = _not_applicable(1.0)
+
+
+def token_names(token: str, vectors: int) -> list[str]:
+    """``NAME NAME_1 … NAME_{N-1}``: one tokenizer entry per vector, as diffusers names them."""
+    return [token] + [f"{token}_{i}" for i in range(1, vectors)]
+
+
+def check_token_name(token: str) -> None:
+    if not token or token.split() != [token]:
+        raise PersonalizeError(f"token {token!r} must be one word without spaces, e.g. '<my-toy>'")
+    if token != token.lower():
+        # CLIP lowercases prompts, and diffusers' expansion of a multi-vector token only finds lowercase names.
+        raise PersonalizeError(f"token {token!r} must be lowercase; use {token.lower()!r}")
+
+
+def _taken(vocab: dict, token: str, vectors: int) -> bool:
+    # CLIP spells a whole word with the end-of-word mark: "dog</w>".
+    return any(name in vocab or f"{name}</w>" in vocab for name in token_names(token, vectors))
+
+
+def refuse_known_token(tokenizer, token: str, vectors: int) -> None:
+    """A name the tokenizer already knows would change the meaning of every prompt that contains that word."""
+    vocab = tokenizer.get_vocab()
+    if _taken(vocab, token, vectors):
+        stem = token.strip("<>")
+        free = next(c for c in itertools.chain([f"<{stem}>"], (f"<{stem}-{i}>" for i in itertools.count(2)))
+                    if not _taken(vocab, c, vectors))
+        raise PersonalizeError(f"token {token!r} is already a word or token in the tokenizer; choose a new name, "
+                               f"e.g. {free!r}")
+
+
+def init_vector(tokenizer, table: torch.Tensor, init_word: str) -> torch.Tensor:
+    """The init word's token vector, or the mean of its token vectors when it is several tokens ("teddy bear", or a
+    word this tokenizer splits into pieces): a mean stays among the token vectors, where the text encoder expects
+    its inputs, and does not favour one piece. Refusing would make many natural descriptors unusable."""
+    ids = tokenizer(init_word, add_special_tokens=False).input_ids
+    if not ids:
+        raise PersonalizeError(f"init word {init_word!r} has no tokens; give a coarse descriptor such as 'toy'")
+    return table[ids].float().mean(dim=0)
+
+
+class SplicedEmbedding(nn.Module):
+    """The frozen token table, with ids from ``table.num_embeddings`` on read from a separate Parameter."""
+
+    def __init__(self, table: nn.Embedding, vectors: nn.Parameter):
+        super().__init__()
+        self.table = table
+        self.vectors = vectors
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        known = self.table.num_embeddings
+        new = input_ids >= known
+        base = self.table(input_ids.masked_fill(new, 0))
+        added = self.vectors.to(base.dtype)[(input_ids - known).clamp(min=0)]
+        return torch.where(new.unsqueeze(-1), added, base)
+
+    def folded(self) -> nn.Embedding:
+        weight = torch.cat([self.table.weight.detach(), self.vectors.detach().to(self.table.weight.dtype)])
+        return nn.Embedding.from_pretrained(weight, freeze=True)
+
+
+class EmbeddingMethod(Method):
+    """Only the new vectors are trained. The text encoder is run every step (``trains_text_encoder``), since its
+    output depends on them, but all its weights stay frozen."""
+
+    name = "embedding"
+    trains_text_encoder = True
+
+    def __init__(self, config: EmbeddingConfig):
+        check_token_name(config.token)  # before any model is loaded
+        self.spliced: SplicedEmbedding | None = None
+        self.max_norm = 0.0
+
+    def prepare(self, components: Components, config: EmbeddingConfig) -> list[dict]:
+        for module in (components.unet, components.vae, components.text_encoder):
+            module.requires_grad_(False)
+        tokenizer = components.tokenizer
+        refuse_known_token(tokenizer, config.token, config.vectors)
+        table = components.text_encoder.get_input_embeddings()
+        weight = table.weight.detach()
+        start = init_vector(tokenizer, weight, config.init_word)
+        names = token_names(config.token, config.vectors)
+        tokenizer.add_tokens(names)
+        # The splice reads ids from the table's end on; a tokenizer out of step with the table would misplace them.
+        first = table.num_embeddings
+        if tokenizer.convert_tokens_to_ids(names) != list(range(first, first + config.vectors)):
+            raise PersonalizeError(f"the tokenizer ({len(tokenizer)} tokens) does not match the text encoder's "
+                                   f"token table ({first} rows); load the model afresh")
+        vectors = nn.Parameter(start.repeat(config.vectors, 1))
+        self.spliced = SplicedEmbedding(table, vectors)
+        components.text_encoder.set_input_embeddings(self.spliced)
+        # Real token vectors have similar lengths. At lr 5e-3 Adam moves every coordinate by up to ~lr per step
+        # (a length change of up to lr·√768 ≈ 0.14 per step for SD1.5), and weight decay is far too weak to stop
+        # it: unchecked, the vectors grow until they drown out the rest of the prompt in cross-attention (the
+        # "overtrained embedding" that ignores prompts). 2× the mean leaves room for a subject more specific than
+        # any one word while keeping the token at the scale of the words around it.
+        self.max_norm = config.max_norm_ratio * float(weight.float().norm(dim=1).mean())
+        return [{"params": [vectors], "lr": config.lr}]
+
+    def after_step(self, components: Components, step: int, config: EmbeddingConfig) -> None:
+        if self.max_norm > 0:
+            with torch.no_grad():
+                self.spliced.vectors.renorm_(2, 0, self.max_norm)
+
+    def prompts(self, config: EmbeddingConfig, captions: list[str]) -> list[list[str]]:
+        placeholder = " ".join(token_names(config.token, config.vectors))
+        options = [t.format(placeholder) for t in TEMPLATES[config.templates]]
+        return [[f"{p}, {c}" if c.strip() else p for p in options] for c in captions]
+
+    def preview_prompt(self, config: EmbeddingConfig) -> str:
+        return TEMPLATES[config.templates][0].format(" ".join(token_names(config.token, config.vectors)))
+
+    def export(self, components: Components, config: EmbeddingConfig, result: TrainResult,
+               path: Path) -> tuple[Path, dict[str, str]]:
+        vectors = self.spliced.vectors.detach().float().cpu()
+        # From here on the components are the base model with this embedding loaded, as load_embedding gives it.
+        components.text_encoder.set_input_embeddings(self.spliced.folded())
+        components.text_encoder.config.vocab_size = components.text_encoder.get_input_embeddings().num_embeddings
+        metadata = embedding_metadata(components, config, result, path)
+        return atomic_save_safetensors({"emb_params": vectors}, path, metadata), metadata
+
+
+def embedding_metadata(components: Components, config: EmbeddingConfig, result: TrainResult,
+                       path: Path) -> dict[str, str]:
+    return {
+        **provenance_metadata("embedding", components.name, components.fingerprint, config),
+        "personalize.token": config.token,
+        "personalize.init_word": config.init_word,
+        "personalize.vectors": str(config.vectors),
+        "personalize.steps": str(result.steps),
+        "personalize.templates": config.templates,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/textual-inversion",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": path.stem,
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        "modelspec.trigger_phrase": config.token,
+        "modelspec.prediction_type": "v" if components.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.date": iso_date(),
+    }
+
+
+def load_embedding(pipeline, path: str | Path, token: str | None = None):
+    """Load an embedding file into a diffusers pipeline (outside ComfyUI: tests, demo, benchmarks).
+
+    ``token`` defaults to the one the file was trained with. An N-vector file adds ``token token_1 …``; the
+    pipeline expands ``token`` in prompts to all of them (``pipeline.maybe_convert_prompt``), so prompts name only
+    ``token`` — a tokenizer used directly must be given the expanded form.
+    """
+    token = token or read_metadata(path).get("personalize.token") or Path(path).stem
+    pipeline.load_textual_inversion(str(path), token=token)
+    return pipeline
+
+
+COMMAND = Command(
+    name="train-embedding",
+    help="train a Textual Inversion embedding of a subject or style (ComfyUI: embedding:<file name>)",
+    add_arguments=add_training_arguments,
+    config=EmbeddingConfig,
+    run=lambda args, config: run_training_command(args, config, EmbeddingMethod(config)),
+)
