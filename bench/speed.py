@@ -78,8 +78,9 @@ DEFAULT_RESOLUTIONS_DREAMBOOTH_CPU_FULL = (64,)
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) of a few cards, matched against the device name.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                      "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "T4": 65.0, "V100": 125.0}
-# Rough peak memory of one full-model run (GB): fp32 weights + gradients + AdamW state for DreamBooth.
-FULL_MEMORY_GB = {"lora": 6.0, "embedding": 6.0, "dreambooth": 17.0, "dreambooth-prior": 17.0}
+# Peak memory of one full-model run (GB, measured at 64-128 px + margin): DreamBooth holds fp32 weights, gradients
+# and two AdamW moments of the 860M-parameter UNet (~14.6 GB measured on both sides).
+FULL_MEMORY_GB = {"lora": 6.0, "embedding": 6.5, "dreambooth": 15.5, "dreambooth-prior": 15.5}
 
 
 def log(message: str) -> None:
@@ -423,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="where speed.json/speed.md go")
     parser.add_argument("--no-memory-guard", action="store_true", help="run full-model cells even when "
                         "MemAvailable looks too small for them")
+    parser.add_argument("--memory-wait", type=float, default=900, help="seconds to wait for enough MemAvailable "
+                        "before a full-model cell is skipped (other processes may be using it for a while)")
+    parser.add_argument("--update", action="store_true", help="keep the cells of the existing speed.json that this "
+                        "run does not measure (each cell records when it was measured)")
     args = parser.parse_args(argv)
 
     sizes = [s for s in args.sizes.split(",") if s]
@@ -475,6 +480,13 @@ def main(argv: list[str] | None = None) -> int:
         gpu_peak = peak_tflops_for(report["machine"].get("gpu"), args.peak_tflops)
         report["gpu_peak_tflops"] = {"value": gpu_peak[0], "source": gpu_peak[1]}
     log(f"threads={threads} precision={precision} mode={report['mode']} load={report['load_average_before']}")
+    kept: list[dict] = []
+    if args.update and (out_dir / "speed.json").is_file():
+        previous = json.loads((out_dir / "speed.json").read_text())
+        if previous.get("mode") == report["mode"] and previous.get("precision") == precision:
+            kept = previous.get("cells", [])
+            report["earlier_commands"] = previous.get("earlier_commands", []) + [previous.get("command")]
+    report["cells"] = kept
 
     for size in sizes:
         model = prepare_model(work, size)
@@ -484,11 +496,21 @@ def main(argv: list[str] | None = None) -> int:
                 steps, warmup = DEFAULT_STEPS_DREAMBOOTH_CPU_FULL
             steps, warmup = args.steps or steps, args.warmup if args.warmup is not None else warmup
             images = prepare_images(work, resolution)
+            report["cells"] = [c for c in report["cells"] if (c["size"], c["method"], c["resolution"]) !=
+                               (size, method, resolution)]
             case = Case(size, method, model, images, resolution, steps, warmup, work, args.device, precision)
             cell = {"size": size, "method": method, "resolution": resolution, "steps": steps, "warmup": warmup,
-                    "ours": [], "theirs": []}
+                    "measured_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                    "load_average": load_average(), "ours": [], "theirs": []}
             report["cells"].append(cell)
             available = mem_available_gb()
+            deadline = time.time() + args.memory_wait
+            while (size == "full" and args.device == "cpu" and not args.no_memory_guard and available is not None
+                   and available < FULL_MEMORY_GB[method] and time.time() < deadline):
+                log(f"{size}/{method}: waiting for {FULL_MEMORY_GB[method]:.0f} GB of MemAvailable "
+                    f"({available:.1f} GB now)")
+                time.sleep(20)
+                available = mem_available_gb()
             if (size == "full" and args.device == "cpu" and not args.no_memory_guard and available is not None
                     and available < FULL_MEMORY_GB[method]):
                 cell["skipped"] = (f"not run: needs about {FULL_MEMORY_GB[method]:.0f} GB of RAM, MemAvailable was "
@@ -616,7 +638,8 @@ def write_results(report: dict, out_dir: Path, started: float) -> None:
              f"torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}, peft {m['peft']} · "
              f"precision {report['precision']} · load average before {report['load_average_before']}"
              + (f", after {report['load_average_after']}" if report.get("load_average_after") else ""), "",
-             f"Command: `{report['command']}` ({report['bench_seconds']:.0f} s)", ""]
+             f"Command: `{report['command']}` ({report['bench_seconds']:.0f} s)"
+             + "".join(f"; cells kept from `{c}`" for c in report.get("earlier_commands", []) if c), ""]
     if report.get("examples_commit"):
         lines += [f"Theirs: diffusers examples at commit {report['examples_commit']}, run unchanged.", ""]
     side_by_side = report["mode"] == "side-by-side"
@@ -627,8 +650,10 @@ def write_results(report: dict, out_dir: Path, started: float) -> None:
     if side_by_side:
         header += ["theirs s/step", "theirs start-up s", "theirs peak RSS MB", "theirs artifact",
                    "**s/step ours/theirs**", "per A/B pair", "target", "peak RSS ours/theirs"]
+    header += ["measured (1-min load)"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for cell in report["cells"]:
+    order = {name: i for i, name in enumerate(SIZES + METHODS)}
+    for cell in sorted(report["cells"], key=lambda c: (order[c["size"]], order[c["method"]], c["resolution"])):
         row = [cell["size"], cell["method"], str(cell["resolution"]), f"{cell['steps']} ({cell['warmup']} warm-up)"]
         if cell.get("skipped"):
             lines.append("| " + " | ".join(row + [cell["skipped"]] + [""] * (len(header) - 5)) + " |")
@@ -652,6 +677,7 @@ def write_results(report: dict, out_dir: Path, started: float) -> None:
                     f"**{_fmt(speed, 'x')}**{mark}",
                     ", ".join(f"{r:.2f}" for r in cell.get("ratio_per_pair", [])) or "–", f"≤ {target}×",
                     _fmt(rss, "x") + ("" if rss is None else (" ✓" if rss <= 1.0 else " ✗"))]
+        row.append(f"{cell.get('measured_at', '')[11:16]} ({(cell.get('load_average') or ['?'])[0]})")
         lines.append("| " + " | ".join(row) + " |")
         for error in errors:
             lines.append(f"| | ↳ error: {error} |" + " |" * (len(header) - 2))

@@ -20,8 +20,11 @@ def option_inputs(config_type) -> list[io.Input]:
         elif isinstance(default, bool):
             inputs.append(io.Boolean.Input(f.name, default=default, **common))
         elif isinstance(default, int):
+            # The frontend gives every widget named "seed" a control-after-generate menu that defaults to
+            # "randomize": a trainer would then retrain on every queue. Pin it to "fixed".
+            control = io.ControlAfterGenerate.fixed if f.name == "seed" else None
             inputs.append(io.Int.Input(f.name, default=default, min=int(spec.min), max=int(spec.max),
-                                       step=int(spec.step or 1), **common))
+                                       step=int(spec.step or 1), control_after_generate=control, **common))
         elif isinstance(default, float):
             inputs.append(io.Float.Input(f.name, default=default, min=spec.min, max=spec.max,
                                          step=spec.step or 0.01, **common))

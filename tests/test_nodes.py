@@ -71,3 +71,11 @@ def test_node_inputs_build_a_validated_config(node_classes):
     assert config.rank == 16 and config.steps == 10 and config.lr == LoRAConfig().lr
     with pytest.raises(errors.PersonalizeError, match="rank must be at least 1"):
         schema.config_from_inputs(LoRAConfig, {"rank": 0})
+
+
+def test_trainer_seeds_stay_fixed_between_queues(node_classes):
+    """A seed the frontend randomised after each queue would retrain on every run."""
+    for cls in node_classes:
+        for widget in cls.GET_SCHEMA().inputs:
+            if widget.id == "seed":
+                assert widget.extra.get("control_after_generate") == "fixed", cls.GET_SCHEMA().node_id

@@ -108,7 +108,7 @@ def dreambooth_metadata(components: Components, config: DreamBoothConfig, result
     text_encoder_steps = (min(config.text_encoder_steps or result.steps, result.steps)
                           if config.train_text_encoder else 0)
     return {
-        **provenance_metadata("dreambooth", components.name, components.fingerprint, config),
+        **provenance_metadata("dreambooth", components.name, components.fingerprint, config, result),
         **modelspec_metadata(MODELSPEC_SD1, IMPLEMENTATION_ORIGINAL, path.stem, config.resolution, config.prompt,
                              components.prediction_type),
         "personalize.steps": str(result.steps),

@@ -20,7 +20,8 @@ from torch import nn
 from .cli import Command
 from .config import TrainConfig
 from .errors import PersonalizeError
-from .export import atomic_save_safetensors, iso_date, provenance_metadata
+from .export import IMPLEMENTATION_DIFFUSERS, MODELSPEC_SD1, atomic_save_safetensors, modelspec_metadata, \
+    provenance_metadata
 from .loop import Method, TrainResult
 from .models import Components, read_metadata
 from .options import option
@@ -205,20 +206,14 @@ class EmbeddingMethod(Method):
 def embedding_metadata(components: Components, config: EmbeddingConfig, result: TrainResult,
                        path: Path) -> dict[str, str]:
     return {
-        **provenance_metadata("embedding", components.name, components.fingerprint, config),
+        **provenance_metadata("embedding", components.name, components.fingerprint, config, result),
         "personalize.token": config.token,
         "personalize.init_word": config.init_word,
         "personalize.vectors": str(config.vectors),
         "personalize.steps": str(result.steps),
         "personalize.templates": config.templates,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/textual-inversion",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": path.stem,
-        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
-        "modelspec.trigger_phrase": config.token,
-        "modelspec.prediction_type": "v" if components.prediction_type == "v_prediction" else "epsilon",
-        "modelspec.date": iso_date(),
+        **modelspec_metadata(f"{MODELSPEC_SD1}/textual-inversion", IMPLEMENTATION_DIFFUSERS, path.stem,
+                             config.resolution, config.token, components.prediction_type),
     }
 
 

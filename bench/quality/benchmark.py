@@ -55,6 +55,9 @@ class Settings:
     guidance: float = 5.0
     class_images: int = 48
     dreambooth_lr: float = 5e-5
+    train_text_encoder: bool = False  # DreamBooth and LoRA
+    batch_size: int = 1
+    text_encoder_lr: float = 5e-5
     lora_lr: float = 1e-3
     lora_rank: int = 8
     embedding_lr: float = 2e-2
@@ -74,18 +77,21 @@ RUNS = {  # name -> (table label, method key in the JSON, prior setting)
 
 
 def make_method(name: str, settings: Settings, seed: int):
-    common = dict(resolution=settings.resolution, seed=seed, mixed_precision="no")
+    common = dict(resolution=settings.resolution, seed=seed, mixed_precision="no", batch_size=settings.batch_size)
     prior = dict(class_prompt=world.CLASS_PROMPT, class_images=settings.class_images,
                  class_sampler_steps=settings.sampler_steps, class_guidance=settings.guidance)
     no_prior = dict(class_prompt="")
     if name.startswith("dreambooth"):
         config = dreambooth.DreamBoothConfig(
             prompt=INSTANCE_PROMPT, steps=settings.steps, lr=settings.dreambooth_lr, gradient_checkpointing=False,
+            train_text_encoder=settings.train_text_encoder, text_encoder_lr=settings.text_encoder_lr,
             save_precision="fp16", **(no_prior if name.endswith("no_prior") else prior), **common)
         return dreambooth.DreamBoothMethod(config), config, INSTANCE_PROMPT, ".safetensors"
     if name.startswith("lora"):
         config = lora.LoRAConfig(prompt=INSTANCE_PROMPT, steps=settings.steps, lr=settings.lora_lr,
                                  rank=settings.lora_rank, alpha=float(settings.lora_rank),
+                                 train_text_encoder=settings.train_text_encoder,
+                                 text_encoder_lr=settings.text_encoder_lr,
                                  **(no_prior if name.endswith("no_prior") else prior), **common)
         return lora.LoRAMethod(config), config, INSTANCE_PROMPT, ".safetensors"
     if name == "embedding":

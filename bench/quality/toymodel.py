@@ -38,7 +38,7 @@ data = trainer("data")
 tokenizer_module = trainer("tokenizer")
 
 
-RECIPE = "1"  # the pretraining recipe's version: part of the cache key
+RECIPE = "2"  # the pretraining recipe's version: part of the cache key
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class ToySpec:
     text_positions: int
     vae_channels: tuple[int, ...]  # 2 ** (len - 1) is the downsampling factor
     vae_layers: int
+    latent_channels: int
     # Pretraining
     images: int
     steps: int
@@ -72,11 +73,11 @@ class ToySpec:
 
 TOY = ToySpec(name="toy-sd15", resolution=32, unet_channels=(32, 64, 64), unet_layers=1,
               unet_attention=(False, True, True), text_hidden=96, text_layers=3, text_positions=24,
-              vae_channels=(32, 32), vae_layers=1, images=6000, steps=1200, batch_size=32, lr=1e-3, ema=0.995,
+              vae_channels=(32, 32), vae_layers=1, latent_channels=4, images=6000, steps=1200, batch_size=32, lr=1e-3, ema=0.995,
               vae_steps=700)
 MINI = ToySpec(name="mini-toy-sd15", resolution=32, unet_channels=(32, 64), unet_layers=1,
                unet_attention=(True, False), text_hidden=48, text_layers=2, text_positions=16,
-               vae_channels=(32, 32, 32, 32), vae_layers=1, images=256, steps=150, batch_size=16, lr=2e-3, ema=0.0,
+               vae_channels=(32, 32, 32, 32), vae_layers=1, latent_channels=4, images=256, steps=150, batch_size=16, lr=2e-3, ema=0.0,
                vae_steps=0)
 
 
@@ -87,12 +88,13 @@ def build_components(spec: ToySpec, tokenizer_dir: str | Path):
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in spec.unet_attention]
     unet_config = models.shipped_config("sd15_unet") | dict(
         block_out_channels=list(spec.unet_channels), layers_per_block=spec.unet_layers, down_block_types=down,
+        in_channels=spec.latent_channels, out_channels=spec.latent_channels,
         up_block_types=[t.replace("Down", "Up") for t in reversed(down)], cross_attention_dim=spec.text_hidden,
         sample_size=spec.resolution // 2 ** (len(spec.vae_channels) - 1))
     assert len(down) == levels
     vae_config = models.shipped_config("sd15_vae") | dict(
         block_out_channels=list(spec.vae_channels), layers_per_block=spec.vae_layers,
-        down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
+        latent_channels=spec.latent_channels, down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
         up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels), sample_size=spec.resolution)
     text_values = models.shipped_config("sd15_text_encoder") | dict(
         vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=4 * spec.text_hidden,
@@ -107,6 +109,12 @@ def build_components(spec: ToySpec, tokenizer_dir: str | Path):
         vae = AutoencoderKL.from_config(vae_config)
         torch.manual_seed(spec.seed + 2)
         text_encoder = CLIPTextModel(text_config)
+        # CLIP's init (std 0.02) makes every token vector ~0.2 long in this width: after a short training the text
+        # encoder's output then barely depends on which word it was given ("a photo of sks toy" and "a photo of a
+        # toy" came out 99% alike), so the UNet cannot learn to follow words. Unit-length token vectors make words
+        # distinct from the start, as the token vectors of a trained CLIP are.
+        with torch.no_grad():
+            text_encoder.get_input_embeddings().weight.normal_(0.0, spec.text_hidden ** -0.5)
     return models.Components(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                              tokenizer=models.tokenizer_for(text_encoder, tokenizer_dir),
                              noise_scheduler=DDPMScheduler.from_config(scheduler_config), name=spec.name,

@@ -38,6 +38,13 @@ class _IO(SimpleNamespace):
     pass
 
 
+class ControlAfterGenerate(str, enum.Enum):
+    fixed = "fixed"
+    increment = "increment"
+    decrement = "decrement"
+    randomize = "randomize"
+
+
 class Hidden(str, enum.Enum):
     unique_id = "UNIQUE_ID"
     prompt = "PROMPT"
@@ -80,6 +87,7 @@ def Custom(io_type: str):
 
 
 io = _IO(Schema=Schema, NodeOutput=NodeOutput, ComfyNode=ComfyNode, Hidden=Hidden, Custom=Custom,
+         ControlAfterGenerate=ControlAfterGenerate,
          **{name: _type(io_type) for name, io_type in [
              ("Int", "INT"), ("Float", "FLOAT"), ("String", "STRING"), ("Boolean", "BOOLEAN"), ("Combo", "COMBO"),
              ("Image", "IMAGE"), ("Mask", "MASK"), ("Latent", "LATENT"), ("Conditioning", "CONDITIONING"),
