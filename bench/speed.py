@@ -677,7 +677,7 @@ def write_results(report: dict, out_dir: Path, started: float) -> None:
                     f"**{_fmt(speed, 'x')}**{mark}",
                     ", ".join(f"{r:.2f}" for r in cell.get("ratio_per_pair", [])) or "–", f"≤ {target}×",
                     _fmt(rss, "x") + ("" if rss is None else (" ✓" if rss <= 1.0 else " ✗"))]
-        row.append(f"{cell.get('measured_at', '')[11:16]} ({(cell.get('load_average') or ['?'])[0]})")
+        row.append(f"{cell['measured_at'][11:16]} ({cell['load_average'][0]})" if cell.get('measured_at') else "–")
         lines.append("| " + " | ".join(row) + " |")
         for error in errors:
             lines.append(f"| | ↳ error: {error} |" + " |" * (len(header) - 2))

@@ -36,10 +36,12 @@ def random_components(size: str = "tiny", seed: int = 0, prediction_type: str = 
     if tokenizer_dir is None:
         raise PersonalizeError("random_components needs a tokenizer folder (write one with write_tokenizer)")
     tiny = size == "tiny"
-    vocab_size = write_tokenizer(tokenizer_dir)
+    sd15_text = shipped_config("sd15_text_encoder")
+    # The full model's tokenizer fills SD1.5's 49408-row token table, as the real CLIP tokenizer does.
+    vocab_size = write_tokenizer(tokenizer_dir, vocab_size=None if tiny else sd15_text["vocab_size"])
     unet_config = shipped_config("sd15_unet") | (TINY_UNET if tiny else {})
     vae_config = shipped_config("sd15_vae") | (TINY_VAE if tiny else {})
-    text_values = shipped_config("sd15_text_encoder") | (TINY_TEXT | {"vocab_size": vocab_size} if tiny else {})
+    text_values = sd15_text | (TINY_TEXT | {"vocab_size": vocab_size} if tiny else {})
     text_config = CLIPTextConfig(**{k: v for k, v in text_values.items() if k not in ("architectures", "model_type")})
     scheduler_config = shipped_config("sd15_scheduler") | {"prediction_type": prediction_type}
     with torch.inference_mode(False):

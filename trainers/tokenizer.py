@@ -37,7 +37,7 @@ def _bytes_to_unicode() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def _vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]:
+def _vocab_and_merges(words: list[str], vocab_size: int | None = None) -> tuple[dict[str, int], list[str]]:
     symbols = _bytes_to_unicode()
     tokens = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
@@ -53,15 +53,20 @@ def _vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]:
                 merges.append(pair)
                 tokens.append(merged)
                 known.add(merged)
+    if vocab_size is not None:
+        # Unreachable fillers up to a real model's table size, so that every row has a token and the two special
+        # tokens take the last ids as in CLIP (49406, 49407 for SD1.5); new tokens then get ids past the table.
+        tokens += [f"<|unused_{i}|>" for i in range(vocab_size - len(tokens) - 2)]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def write_tokenizer(folder: str | Path, model_max_length: int = 77) -> int:
-    """Write vocab.json, merges.txt and tokenizer_config.json; return the vocabulary size."""
+def write_tokenizer(folder: str | Path, model_max_length: int = 77, vocab_size: int | None = None) -> int:
+    """Write vocab.json, merges.txt and tokenizer_config.json; return the vocabulary size (at least
+    ``vocab_size`` entries when given)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _vocab_and_merges(PROMPT_WORDS)
+    vocab, merges = _vocab_and_merges(PROMPT_WORDS, vocab_size)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
@@ -70,9 +75,6 @@ def write_tokenizer(folder: str | Path, model_max_length: int = 77) -> int:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return len(vocab)
 
-
-def generated_vocab_size() -> int:
-    return len(_vocab_and_merges(PROMPT_WORDS)[0])
 
 
 def load_tokenizer(folder: str | Path) -> CLIPTokenizer:

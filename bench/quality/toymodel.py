@@ -54,6 +54,10 @@ class ToySpec:
     vae_channels: tuple[int, ...]  # 2 ** (len - 1) is the downsampling factor
     vae_layers: int
     latent_channels: int
+    vae_norm_groups: int
+    caption_keep: float  # probability that a caption names each attribute
+    cross_attention_gain: float  # initial scale of the cross-attention outputs
+    high_noise: float  # share of steps drawing timesteps from the noisier 60% (0: the pack's loop)
     # Pretraining
     images: int
     steps: int
@@ -73,11 +77,11 @@ class ToySpec:
 
 TOY = ToySpec(name="toy-sd15", resolution=32, unet_channels=(32, 64, 64), unet_layers=1,
               unet_attention=(False, True, True), text_hidden=96, text_layers=3, text_positions=24,
-              vae_channels=(32, 32), vae_layers=1, latent_channels=4, images=6000, steps=1200, batch_size=32, lr=1e-3, ema=0.995,
+              vae_channels=(32, 32), vae_layers=1, latent_channels=4, vae_norm_groups=32, caption_keep=0.5, cross_attention_gain=1.0, high_noise=0.0, images=6000, steps=1200, batch_size=32, lr=1e-3, ema=0.995,
               vae_steps=700)
 MINI = ToySpec(name="mini-toy-sd15", resolution=32, unet_channels=(32, 64), unet_layers=1,
                unet_attention=(True, False), text_hidden=48, text_layers=2, text_positions=16,
-               vae_channels=(32, 32, 32, 32), vae_layers=1, latent_channels=4, images=256, steps=150, batch_size=16, lr=2e-3, ema=0.0,
+               vae_channels=(32, 32, 32, 32), vae_layers=1, latent_channels=4, vae_norm_groups=1, caption_keep=1.0, cross_attention_gain=10.0, high_noise=0.0, images=256, steps=150, batch_size=16, lr=2e-3, ema=0.0,
                vae_steps=0)
 
 
@@ -94,7 +98,7 @@ def build_components(spec: ToySpec, tokenizer_dir: str | Path):
     assert len(down) == levels
     vae_config = models.shipped_config("sd15_vae") | dict(
         block_out_channels=list(spec.vae_channels), layers_per_block=spec.vae_layers,
-        latent_channels=spec.latent_channels, down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
+        latent_channels=spec.latent_channels, norm_num_groups=spec.vae_norm_groups, down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
         up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels), sample_size=spec.resolution)
     text_values = models.shipped_config("sd15_text_encoder") | dict(
         vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=4 * spec.text_hidden,
@@ -105,6 +109,11 @@ def build_components(spec: ToySpec, tokenizer_dir: str | Path):
     with torch.inference_mode(False):
         torch.manual_seed(spec.seed)
         unet = UNet2DConditionModel.from_config(unet_config)
+        if spec.cross_attention_gain != 1.0:
+            with torch.no_grad():
+                for name, parameter in unet.named_parameters():
+                    if ".attn2.to_out.0." in name:
+                        parameter.mul_(spec.cross_attention_gain)
         torch.manual_seed(spec.seed + 1)
         vae = AutoencoderKL.from_config(vae_config)
         torch.manual_seed(spec.seed + 2)
@@ -232,14 +241,16 @@ class PretrainMethod(loop.Method):
                     p.copy_(self.shadow[k])
 
 
-def caption_options(photos: list[world.Photo], seed: int = 0, per_image: int = 6) -> list[list[str]]:
+def caption_options(photos: list[world.Photo], seed: int = 0, per_image: int = 6, keep: float = 0.5) -> list[list[str]]:
     rng = random.Random(f"captions-{seed}")
-    return [sorted({world.caption(p, rng) for _ in range(per_image)}) + [""] for p in photos]
+    return [sorted({world.caption(p, rng, keep) for _ in range(per_image)}) + [""] for p in photos]
 
 
 def pretrain(components, spec: ToySpec, images: torch.Tensor, photos: list[world.Photo], log=print) -> dict:
     """Train UNet + text encoder on the toy photos with the pack's loop (in place); returns timings and losses."""
-    method = PretrainMethod(caption_options(photos, spec.seed), ema=spec.ema)
+    if spec.high_noise:
+        return pretrain_biased(components, spec, images, photos, log=log)
+    method = PretrainMethod(caption_options(photos, spec.seed, keep=spec.caption_keep), ema=spec.ema)
     config = config_module.TrainConfig(prompt="", steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
                                        resolution=spec.resolution, seed=spec.seed, lr_scheduler="cosine",
                                        warmup_steps=min(50, spec.steps // 10), max_grad_norm=1.0)
@@ -259,8 +270,65 @@ def pretrain(components, spec: ToySpec, images: torch.Tensor, photos: list[world
             "loss_start": round(sum(head) / len(head), 4), "loss_end": round(sum(tail) / len(tail), 4)}
 
 
-def make_toy_model(out: str | Path, spec: ToySpec = TOY, log=print) -> dict:
-    """Build, pretrain and write ``out/model.safetensors`` (+ ``out/tokenizer/``, ``out/info.json``)."""
+def pretrain_biased(components, spec: ToySpec, images: torch.Tensor, photos: list[world.Photo], log=print) -> dict:
+    """The same training as ``pretrain`` (v-prediction MSE, AdamW, cosine schedule, clipping, EMA), written out so
+    that a share ``spec.high_noise`` of the timesteps comes from the noisiest 60%: there the image is mostly noise
+    and the caption is what the model has to go on, which is where a briefly trained model learns to follow words."""
+    from diffusers.optimization import get_scheduler
+
+    generator = torch.Generator().manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    unet, text_encoder, scheduler = components.unet, components.text_encoder, components.noise_scheduler
+    pixels = data.images_to_training_pixels(images, spec.resolution)
+    mean, std = loop.encode_latent_posterior(components.vae, pixels)
+    options = caption_options(photos, spec.seed, keep=spec.caption_keep)
+    prompts = sorted({p for o in options for p in o})
+    index = {p: i for i, p in enumerate(prompts)}
+    ids = loop.tokenize(components.tokenizer, prompts)
+    method = PretrainMethod(options, ema=spec.ema)
+    config = config_module.TrainConfig(steps=spec.steps, lr=spec.lr)
+    with torch.inference_mode(False), torch.enable_grad():
+        groups = method.prepare(components, config)
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        schedule = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=min(50, spec.steps // 10),
+                                 num_training_steps=spec.steps)
+        unet.train(), text_encoder.train()
+        total_steps = scheduler.config.num_train_timesteps
+        losses, started = [], time.perf_counter()
+        for step in range(1, spec.steps + 1):
+            batch = torch.randint(0, len(mean), (spec.batch_size,), generator=generator)
+            choice = [index[options[i][int(torch.randint(0, len(options[i]), (1,), generator=generator))]]
+                      for i in batch.tolist()]
+            latents = (mean[batch] + std[batch] * torch.randn(mean[batch].shape, generator=generator)) \
+                * components.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=generator)
+            uniform = torch.randint(0, total_steps, (spec.batch_size,), generator=generator)
+            noisy_half = torch.randint(int(0.4 * total_steps), total_steps, (spec.batch_size,), generator=generator)
+            biased = torch.rand(spec.batch_size, generator=generator) < spec.high_noise
+            timesteps = torch.where(biased, noisy_half, uniform)
+            prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps,
+                              text_encoder(ids[choice])[0]).sample
+            loss = F.mse_loss(prediction, loop.denoising_target(scheduler, latents, noise, timesteps))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            optimizer.step()
+            schedule.step()
+            method.after_step(components, step, config)
+            losses.append(loss.item())
+            if step % 100 == 0 or step == spec.steps:
+                log(f"  unet step {step}/{spec.steps}: loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+                    f"({time.perf_counter() - started:.0f}s)")
+    method.use_ema(components)
+    for module in (unet, text_encoder):
+        module.eval().requires_grad_(False)
+    return {"unet_steps": spec.steps, "unet_seconds_per_step": round((time.perf_counter() - started) / spec.steps, 4),
+            "loss_start": round(sum(losses[:20]) / 20, 4), "loss_end": round(sum(losses[-50:]) / 50, 4)}
+
+
+def make_toy_model(out: str | Path, spec: ToySpec = TOY, log=print, vae_from: str | Path | None = None) -> dict:
+    """Build, pretrain and write ``out/model.safetensors`` (+ ``out/tokenizer/``, ``out/info.json``). ``vae_from``:
+    reuse the VAE of a toy model built with the same VAE settings instead of training it again."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -268,7 +336,10 @@ def make_toy_model(out: str | Path, spec: ToySpec = TOY, log=print) -> dict:
     images, photos = world.dataset(spec.images, spec.resolution, spec.seed)
     pixels = data.images_to_training_pixels(images, spec.resolution)
     info: dict = {"spec": asdict(spec), "fingerprint": spec.fingerprint()}
-    if spec.vae_steps:
+    if vae_from:
+        components.vae.load_state_dict(models.load_base(vae_from).vae.state_dict())
+        info["vae_from"] = str(vae_from)
+    elif spec.vae_steps:
         log(f"training the VAE ({spec.vae_steps} steps)")
         info |= train_vae(components.vae, pixels, spec.vae_steps, batch_size=32, lr=3e-3, seed=spec.seed,
                           crop=spec.resolution // 2, crop_fraction=0.7, log=log)
@@ -279,12 +350,16 @@ def make_toy_model(out: str | Path, spec: ToySpec = TOY, log=print) -> dict:
         info["latent_scale"] = calibrate_latents(components.vae, pixels[:256], deterministic=True)
     log(f"pretraining UNet + text encoder ({spec.steps} steps of {spec.batch_size})")
     info |= pretrain(components, spec, images, photos, log=log)
-    path = models.save_single_file(components, out / "model.safetensors", dtype=None, metadata={
-        "modelspec.architecture": "stable-diffusion-v1", "modelspec.prediction_type": "v",
-        "modelspec.title": f"personalize toy world {spec.name} ({spec.fingerprint()})"})
+    if spec.vae_norm_groups == 32:  # the shipped SD1.5 configs' value, which the single-file loader assumes
+        path = models.save_single_file(components, out / "model.safetensors", dtype=None, metadata={
+            "modelspec.architecture": "stable-diffusion-v1", "modelspec.prediction_type": "v",
+            "modelspec.title": f"personalize toy world {spec.name} ({spec.fingerprint()})"})
+    else:
+        path = models.save_diffusers(components, out / "diffusers")
     info["seconds"] = round(time.perf_counter() - started, 1)
     info["parameters"] = sum(p.numel() for m in (components.unet, components.vae, components.text_encoder)
                              for p in m.parameters())
-    info["file_mb"] = round(path.stat().st_size / 2**20, 2)
+    info["file_mb"] = round(sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*"))) / 2**20, 2)
     (out / "info.json").write_text(json.dumps(info, indent=2))
-    return {"single_file": str(path), "tokenizer": str(out / "tokenizer"), "info": info}
+    return {"path": str(path), "single_file": str(path) if path.is_file() else None,
+            "tokenizer": str(out / "tokenizer"), "info": info}

@@ -81,13 +81,13 @@ def random_photo(rng: random.Random, toy: Toy | None = None, scene: str | None =
                  angle=rng.uniform(-0.3, 0.3), horizon=rng.uniform(-0.15, 0.25), light=rng.uniform(0.9, 1.08))
 
 
-def caption(photo: Photo, rng: random.Random) -> str:
-    """A caption naming a random subset of the visible attributes (each with probability 1/2)."""
+def caption(photo: Photo, rng: random.Random, keep: float = 0.5) -> str:
+    """A caption naming a random subset of the visible attributes (each with probability ``keep``)."""
     toy = photo.toy
-    words = [w for w, keep in ((toy.colour, rng.random() < 0.5), (toy.accent, rng.random() < 0.5),
-                               (toy.shape, rng.random() < 0.5)) if keep]
+    words = [w for w, kept in ((toy.colour, rng.random() < keep), (toy.accent, rng.random() < keep),
+                               (toy.shape, rng.random() < keep)) if kept]
     text = "a photo of a " + " ".join(words + [CLASS_NOUN])
-    if rng.random() < 0.5:
+    if rng.random() < keep:
         text += " " + SCENES[photo.scene][2]
     return text
 
