@@ -59,10 +59,11 @@ OTHER = world.other_photos(4, RESOLUTION, seed=0)[0]  # other toys, none sharing
 # the drop on the other photos may be at most OTHER_SHARE of the drop on the subject.
 MAX_RATIO = {"dreambooth": 0.95, "lora": 0.96, "embedding": 1.0}
 OTHER_SHARE = {"dreambooth": 0.5, "lora": 0.5}
+TOY_TI_MAX_RATIO = 0.99  # Textual Inversion on the pretrained toy model
 
 
-def configs():
-    common = dict(resolution=RESOLUTION, seed=0, steps=40, batch_size=4, mixed_precision="no")
+def configs(**overrides):
+    common = dict(resolution=RESOLUTION, seed=0, steps=40, batch_size=4, mixed_precision="no") | overrides
     return {
         "dreambooth": (dreambooth.DreamBoothMethod,
                        dreambooth.DreamBoothConfig(prompt=PROMPT, class_prompt="", lr=3e-4,
@@ -71,7 +72,7 @@ def configs():
                                                   unet_targets="attention+projections+feedforward",
                                                   save_precision="fp32", **common)),
         "embedding": (embedding.EmbeddingMethod,
-                      embedding.EmbeddingConfig(token=TOKEN, init_word="toy", lr=5e-2, **common)),
+                      embedding.EmbeddingConfig(token=TOKEN, init_word="toy", **({"lr": 5e-2} | common))),
     }
 
 
@@ -100,11 +101,12 @@ class Learning:
         return problems
 
 
-def learn(mini_model, tmp_path, trainer: str, method_class=None, breakage=contextlib.nullcontext) -> Learning:
-    method_type, config = configs()[trainer]
+def learn(model, tmp_path, trainer: str, method_class=None, breakage=contextlib.nullcontext,
+          **overrides) -> Learning:
+    method_type, config = configs(**overrides)[trainer]
     method = (method_class or method_type)(config)
-    components = models.load_base(mini_model)
-    before = models.load_base(mini_model) if trainer == "embedding" else None
+    components = models.load_base(model)
+    before = models.load_base(model) if trainer == "embedding" else None
     subject = data.images_to_training_pixels(SUBJECT, RESOLUTION)
     other = data.images_to_training_pixels(OTHER, RESOLUTION)
     before_prompt, after_prompt = (TI_BEFORE_PROMPT, TI_PROMPT) if trainer == "embedding" else (PROMPT, PROMPT)
@@ -116,8 +118,8 @@ def learn(mini_model, tmp_path, trainer: str, method_class=None, breakage=contex
     learning = Learning(subject=loop.fixed_denoising_loss(components, subject, after_prompt) / subject_before,
                         other=loop.fixed_denoising_loss(components, other, after_prompt) / other_before,
                         components=components, before=before, artifact=artifact)
-    print(f"learning check {trainer} {getattr(breakage, '__name__', '')}{method_class and 'frozen' or ''}: "
-          f"subject {learning.subject:.4f}, other {learning.other:.4f}")
+    variant = "frozen" if method_class else getattr(breakage, "__name__", "")
+    print(f"learning check {trainer} {variant}: subject {learning.subject:.4f}, other {learning.other:.4f}")
     return learning
 
 
@@ -230,3 +232,26 @@ def test_a_frozen_trainer_fails_the_check_with_a_ratio_of_exactly_one(mini_model
 def test_a_broken_trainer_fails_the_check(mini_model, tmp_path, trainer, breakage):
     learning = learn(mini_model, tmp_path, trainer, breakage=BREAKAGES[breakage])
     assert learning.failures(trainer), (learning.subject, learning.other)
+
+
+# ---------------------------------------------------------------------------------------------------- toy model
+
+@pytest.fixture(scope="module")
+def toy_model():
+    """The benchmark's pretrained toy model, if ``python -m bench.quality pretrain`` has cached it (~13 min once)."""
+    toy = toymodel.TOY
+    path = pack("bench.quality.assets").cache_root() / f"{toy.name}-{toy.fingerprint()}" / "model.safetensors"
+    if not path.is_file():
+        pytest.skip(f"the pretrained toy model is not cached ({path}); build it with `python -m bench.quality "
+                    "pretrain`")
+    return path
+
+
+def test_textual_inversion_on_the_pretrained_toy_model(toy_model, tmp_path):
+    """Where the text matters, the ratio tells a working Textual Inversion from a broken one."""
+    settings = dict(lr=0.2, steps=60)
+    working = learn(toy_model, tmp_path, "embedding", **settings)
+    broken = learn(toy_model, tmp_path, "embedding", breakage=wrong_target, **settings)
+    frozen_run = learn(toy_model, tmp_path, "embedding", method_class=frozen(embedding.EmbeddingMethod), **settings)
+    assert working.subject < TOY_TI_MAX_RATIO, working.subject
+    assert broken.subject >= TOY_TI_MAX_RATIO and frozen_run.subject == 1.0, (broken.subject, frozen_run.subject)

@@ -17,7 +17,6 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .convert import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, split_original, text_encoder_key_map, unet_key_map, \
@@ -69,6 +68,8 @@ def detect_architecture(state_dict) -> str:
         found = "SDXL (conditioner.embedders.* keys)"
     elif any(k.startswith("cond_stage_model.model.") for k in keys):
         found = "SD2.x (OpenCLIP text encoder, cond_stage_model.model.* keys)"
+    elif any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        found = "a LoRA (lora_unet_*/lora_te_* keys), not a model: load it with ApplyLoRA or LoraLoader"
     elif any(k.startswith(UNET_PREFIX) for k in keys) and any(k.startswith("cond_stage_model.transformer.")
                                                               for k in keys):
         return "sd15"
@@ -162,9 +163,10 @@ def tokenizer_for(text_encoder: CLIPTextModel, folder: str | Path):
     return tokenizer
 
 
-def _materialize(model_factory, state_dict: dict, dtype: torch.dtype, what: str):
-    """Build a model without random init and fill it with copies of ``state_dict`` (never aliases the caller's
-    tensors, so training cannot modify a host's live weights, and inference-mode tensors become normal ones)."""
+def _materialize(model_factory, state_dict: dict, dtype: torch.dtype, what: str, owned: bool = False):
+    """Build a model without random init and fill it with ``state_dict``. Tensors the caller hands over
+    (``owned``, e.g. just read from a file in the right dtype and layout) are used as they are; anything else is
+    copied, so training never modifies a host's live weights and inference-mode tensors become normal ones."""
     with init_empty_weights():
         model = model_factory()
     expected = set(model.state_dict())
@@ -173,8 +175,8 @@ def _materialize(model_factory, state_dict: dict, dtype: torch.dtype, what: str)
         raise PersonalizeError(f"the {what} weights do not fit an SD1.x {what}: {len(missing)} missing "
                                f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected "
                                f"(e.g. {sorted(unexpected)[:3]}). Is this a complete SD1.x checkpoint?")
-    copies = {k: v.to(dtype=dtype, memory_format=_layout(v), copy=True) for k, v in state_dict.items()}
-    model.load_state_dict(copies, strict=True, assign=True)
+    tensors = {k: v.to(dtype=dtype, memory_format=_layout(v), copy=not owned) for k, v in state_dict.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
 
 
@@ -189,7 +191,7 @@ def _shape_mismatch(error: Exception, what: str) -> PersonalizeError:
 
 
 def components_from_original(state_dict: dict, tokenizer_dir: str | Path, *, name: str = "model",
-                             dtype: torch.dtype = torch.float32) -> Components:
+                             dtype: torch.dtype = torch.float32, owned: bool = False) -> Components:
     """Components from an original-layout SD1.x state dict (a single file, or what ComfyUI's models hand out)."""
     arch = detect_architecture(state_dict)
     parts = split_original(state_dict)
@@ -199,9 +201,9 @@ def components_from_original(state_dict: dict, tokenizer_dir: str | Path, *, nam
         text_config = infer_text_config(parts["text_encoder"])
         try:
             unet = _materialize(lambda: UNet2DConditionModel.from_config(unet_config),
-                                unet_key_map(unet_config).to_diffusers(parts["unet"]), dtype, "UNet")
+                                unet_key_map(unet_config).to_diffusers(parts["unet"]), dtype, "UNet", owned)
             vae = _materialize(lambda: AutoencoderKL.from_config(vae_config),
-                               vae_key_map(vae_config).to_diffusers(parts["vae"]), dtype, "VAE")
+                               vae_key_map(vae_config).to_diffusers(parts["vae"]), dtype, "VAE", owned)
             # Built normally (it is small): CLIP keeps non-persistent buffers that an empty init would leave unset.
             text_encoder = CLIPTextModel(text_config).to(dtype).eval()
             rename = text_encoder_key_map(text_encoder.state_dict())
@@ -218,14 +220,48 @@ def components_from_original(state_dict: dict, tokenizer_dir: str | Path, *, nam
     return components
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file read tensor by tensor with plain reads, floating tensors converted to ``dtype`` and conv
+    weights laid out channels_last as they arrive.
+
+    A memory-mapped load (safetensors' own) keeps every page it touched resident beside any converted copy: an
+    fp16 SD1.5 file turned into fp32 would peak at file + model. Reading one tensor at a time peaks at the model.
+    """
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        data_start = 8 + header_size
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise PersonalizeError(f"{Path(path).name}: tensor {name} has dtype {info['dtype']}, which the pack "
+                                       "cannot train; use an fp32/fp16/bf16 checkpoint")
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            begin, end = info["data_offsets"]
+            f.seek(data_start + begin)
+            if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                raise PersonalizeError(f"{Path(path).name} is truncated (tensor {name}); download it again")
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype=dtype or tensor.dtype, memory_format=_layout(tensor))
+            tensors[name] = tensor
+    return tensors
+
+
+def read_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A single-file checkpoint's state dict: safetensors, or a pickle loaded with weights_only=True."""
     path = Path(path)
     if not path.is_file():
         raise PersonalizeError(f"no checkpoint file at {path}")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
+            return read_safetensors(path, dtype)
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # any parse failure of a user file is a bad input, not a bug
         raise PersonalizeError(f"could not read {path.name} as a model checkpoint ({error}); "
@@ -254,10 +290,8 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32) -> C
             raise PersonalizeError(f"the diffusers folder {folder} has no '{part}' subfolder; an SD1.x pipeline "
                                    "needs unet, vae, text_encoder, tokenizer and scheduler")
     with torch.inference_mode(False):
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).eval()
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).eval()
-        for model in (unet, vae):
-            model.to(memory_format=torch.channels_last)
+        unet = _load_diffusers_model(UNet2DConditionModel, folder / "unet", dtype, "UNet")
+        vae = _load_diffusers_model(AutoencoderKL, folder / "vae", dtype, "VAE")
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype).eval()
     components = Components(unet=unet, vae=vae, text_encoder=text_encoder,
                             tokenizer=tokenizer_for(text_encoder, folder / "tokenizer"),
@@ -265,6 +299,16 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32) -> C
                             name=folder.name, tokenizer_dir=str(folder / "tokenizer"))
     components.fingerprint = fingerprint_state_dict(original_state_dict(components))
     return components
+
+
+def _load_diffusers_model(model_class, folder: Path, dtype: torch.dtype, what: str):
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():  # sharded or .bin weights: diffusers' own loader
+        model = model_class.from_pretrained(folder, torch_dtype=dtype)
+        return model.to(memory_format=torch.channels_last).eval()
+    config = model_class.load_config(folder)
+    return _materialize(lambda: model_class.from_config(config), read_safetensors(weights, dtype), dtype, what,
+                        owned=True)
 
 
 def load_base(path: str | Path, tokenizer_dir: str | Path | None = None,
@@ -278,10 +322,10 @@ def load_base(path: str | Path, tokenizer_dir: str | Path | None = None,
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise PersonalizeError(f"--base {path.name}: expected a diffusers folder or a single file ending in "
                                f"{', '.join(SINGLE_FILE_SUFFIXES)}")
-    state_dict = read_checkpoint(path)
+    state_dict = read_checkpoint(path, dtype)
     detect_architecture(state_dict)  # before looking for a tokenizer: an SDXL file should say so first
     return components_from_original(state_dict, find_tokenizer_dir(path, tokenizer_dir), name=path.stem,
-                                    dtype=dtype)
+                                    dtype=dtype, owned=True)
 
 
 # ---------------------------------------------------------------------------------------------------- export

@@ -56,12 +56,15 @@ def toy_embedder(cache: str | Path | None = None, log=print) -> tuple[features.T
     trained_seconds = time.perf_counter() - started
     embedder = features.ToyEmbedder(net)
     images, labels = features.identity_gallery(identities=12, photos_per=4, seed=1)
+    blurred, _ = features.identity_gallery(identities=12, photos_per=4, seed=1, blur=1.2)
     log("checking the random-weight ViT-S/16 on the same gallery")
     vit = features.random_vit(folder / "random-vit-s16", seed=0)
     info = {
         "gallery": "12 toys x 4 photos (random scenes and poses), leave-one-out 1-NN on identity",
         "toynet_nn_accuracy": features.nearest_neighbour_accuracy(embedder, images, labels),
+        "toynet_nn_accuracy_blurred": features.nearest_neighbour_accuracy(embedder, blurred, labels),
         "random_vit_s16_nn_accuracy": features.nearest_neighbour_accuracy(vit, images, labels),
+        "random_vit_s16_nn_accuracy_blurred": features.nearest_neighbour_accuracy(vit, blurred, labels),
         "toynet_cosine": features.similarity_spread(embedder, images, labels),
         "random_vit_s16_cosine": features.similarity_spread(vit, images, labels),
         "train_seconds": round(trained_seconds, 1),
