@@ -9,7 +9,8 @@ The model is the toy world's ``MINI`` (``bench/quality/toymodel.py``): the tiny 
 random VAE encoder scaled so that its latents carry the image at unit variance, and a few seconds of pretraining on
 captioned toy photos, so that the losses start from a model that already denoises in general. (On the random-weight
 tiny model every photo looks alike to the UNet: its VAE posterior is almost pure noise, and subject and other photos
-then drop by the same amount.) It is built once per module and loaded through the pack's own loader for every run.
+then drop by the same amount.) It is built once per module (~8 s) and loaded through the pack's own loader (a
+diffusers folder) for every run.
 
 Each broken variant is made here, in the test, and only while training runs (the measurement after it uses the real
 code): frozen parameters (a Method whose prepare freezes everything and hands the optimizer a dummy), the wrong
@@ -17,15 +18,17 @@ target for the prediction type (``loop.denoising_target``), timesteps stuck at 0
 draws timesteps from), and no noise (``add_noise`` adds none). Each must fail the check.
 
 Textual Inversion moves one token vector, and so little text reaches this tiny UNet that its ratio is only just
-below 1 (about 0.9999): its check is that ratio together with structural checks (the token table grew by one row,
-every other weight is bit-identical, the new row moved). Its broken variants are not told apart by the ratio on this
-model; on the pretrained toy model (``python -m bench.quality pretrain``) they are, and
-``test_textual_inversion_on_the_pretrained_toy_model`` checks that when the model is in the cache.
+below 1 (about 0.9996): its check is that ratio together with structural checks (the token table grew by one row,
+every other weight is bit-identical, the new row moved); here only the frozen variant is asserted to fail. On the
+benchmark's pretrained toy model, where words matter, the ratio does tell it from its broken variants (working 0.997,
+wrong target 2.02, timesteps at 0 1.05, frozen 1.000) — except "no noise" (0.971), a known blind spot kept as a
+strict xfail. Those tests run when the toy model is cached (``python -m bench.quality pretrain``), and skip otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -57,13 +60,13 @@ OTHER = world.other_photos(4, RESOLUTION, seed=0)[0]  # other toys, none sharing
 
 # Limits of the check, per trainer: the after/before ratio on the subject must be below MAX_RATIO; and, where given,
 # the drop on the other photos may be at most OTHER_SHARE of the drop on the subject.
-MAX_RATIO = {"dreambooth": 0.95, "lora": 0.96, "embedding": 1.0}
+# Textual Inversion: any drop on MINI (with the structural checks); a clear one on the pretrained toy model.
+MAX_RATIO = {"dreambooth": 0.95, "lora": 0.96, "embedding": 1.0, "toy_embedding": 0.999}
 OTHER_SHARE = {"dreambooth": 0.5, "lora": 0.5}
-TOY_TI_MAX_RATIO = 0.99  # Textual Inversion on the pretrained toy model
 
 
-def configs(**overrides):
-    common = dict(resolution=RESOLUTION, seed=0, steps=40, batch_size=4, mixed_precision="no") | overrides
+def configs():
+    common = dict(resolution=RESOLUTION, seed=0, steps=40, batch_size=4, mixed_precision="no")
     return {
         "dreambooth": (dreambooth.DreamBoothMethod,
                        dreambooth.DreamBoothConfig(prompt=PROMPT, class_prompt="", lr=3e-4,
@@ -72,12 +75,12 @@ def configs(**overrides):
                                                   unet_targets="attention+projections+feedforward",
                                                   save_precision="fp32", **common)),
         "embedding": (embedding.EmbeddingMethod,
-                      embedding.EmbeddingConfig(token=TOKEN, init_word="toy", **({"lr": 5e-2} | common))),
+                      embedding.EmbeddingConfig(token=TOKEN, init_word="toy", lr=5e-2, **common)),
     }
 
 
 @pytest.fixture(scope="module")
-def mini_model(tmp_path_factory) -> dict:
+def mini_model(tmp_path_factory) -> str:
     return toymodel.make_toy_model(tmp_path_factory.mktemp("mini-toy"), toymodel.MINI, log=lambda *_: None)["path"]
 
 
@@ -103,7 +106,8 @@ class Learning:
 
 def learn(model, tmp_path, trainer: str, method_class=None, breakage=contextlib.nullcontext,
           **overrides) -> Learning:
-    method_type, config = configs(**overrides)[trainer]
+    method_type, config = configs()[trainer]
+    config = dataclasses.replace(config, **overrides)
     method = (method_class or method_type)(config)
     components = models.load_base(model)
     before = models.load_base(model) if trainer == "embedding" else None
@@ -247,11 +251,22 @@ def toy_model():
     return path
 
 
+TOY_TI = dict(lr=0.2, steps=60)  # the benchmark's learning rate; fewer steps
+
+
 def test_textual_inversion_on_the_pretrained_toy_model(toy_model, tmp_path):
     """Where the text matters, the ratio tells a working Textual Inversion from a broken one."""
-    settings = dict(lr=0.2, steps=60)
-    working = learn(toy_model, tmp_path, "embedding", **settings)
-    broken = learn(toy_model, tmp_path, "embedding", breakage=wrong_target, **settings)
-    frozen_run = learn(toy_model, tmp_path, "embedding", method_class=frozen(embedding.EmbeddingMethod), **settings)
-    assert working.subject < TOY_TI_MAX_RATIO, working.subject
-    assert broken.subject >= TOY_TI_MAX_RATIO and frozen_run.subject == 1.0, (broken.subject, frozen_run.subject)
+    working = learn(toy_model, tmp_path, "embedding", **TOY_TI)
+    assert working.failures("toy_embedding") == [], working.subject
+
+
+@pytest.mark.parametrize("breakage", ["frozen", "wrong_target", "timesteps_at_zero", pytest.param(
+    "no_noise", marks=pytest.mark.xfail(strict=True, reason="a known blind spot: trained on un-noised latents, the "
+                                        "vector still learns the subject's look from the -sqrt(1-a)x0 part of the "
+                                        "v target, and the ratio drops (0.971, below the working run's 0.997)"))])
+def test_a_broken_textual_inversion_fails_the_check_on_the_pretrained_toy_model(toy_model, tmp_path, breakage):
+    if breakage == "frozen":
+        broken = learn(toy_model, tmp_path, "embedding", method_class=frozen(embedding.EmbeddingMethod), **TOY_TI)
+    else:
+        broken = learn(toy_model, tmp_path, "embedding", breakage=BREAKAGES[breakage], **TOY_TI)
+    assert broken.failures("toy_embedding"), broken.subject

@@ -217,3 +217,18 @@ def test_cli_trains_and_reports_json(tiny_model, tmp_path, capsys):
     assert result["output"] == str(out) and out.is_file() and result["steps"] == 3
     assert pack("trainers.cli").main(args) == 2, "an existing --out is refused without --overwrite"
     assert "already exists" in capsys.readouterr().err
+
+
+def test_cancel_during_a_step_stops_inside_the_unet(components, subject_images, tmp_path):
+    """Cancel is asked at every UNet block too: a long step of a big model does not run to its end first."""
+    asked, steps_done = [], []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) >= 3  # the step's own check, the first block, then stop at the second block
+
+    with pytest.raises(errors.TrainingCancelled):
+        train(components, subject_images, tmp_path / "x.safetensors", steps=5,
+              callbacks=loop.Callbacks(on_step=steps_done.append, should_stop=should_stop))
+    assert steps_done == [] and len(asked) == 3
+    assert list(tmp_path.iterdir()) == []

@@ -217,6 +217,7 @@ def train(components: Components, method: Method, instance_pixels: torch.Tensor,
     callbacks = callbacks or Callbacks()
     device = device or pick_device()
     with torch.inference_mode(False), torch.enable_grad():
+        hooks = cancel_checks(components.unet, callbacks)
         try:
             return _train(components, method, instance_pixels.clone(), captions, config,
                           None if class_pixels is None else class_pixels.clone(), device, callbacks)
@@ -229,7 +230,30 @@ def train(components: Components, method: Method, instance_pixels: torch.Tensor,
             error.__traceback__ = None
             raise error
         finally:
+            for hook in hooks:
+                hook.remove()
             free_memory()
+
+
+def cancel_checks(unet, callbacks: Callbacks) -> list:
+    """Ask ``should_stop`` at every UNet block, in the forward pass and (through a hook on the block's output) in
+    the backward pass, not only between steps: a step of a full model on a slow device can take many seconds, and
+    Cancel should not wait for it."""
+    if callbacks.should_stop is None:
+        return []
+
+    def check(*_) -> None:
+        if callbacks.stop_requested():
+            raise TrainingCancelled()
+
+    def watch_backward(_module, _args, output) -> None:
+        tensor = output[0] if isinstance(output, tuple) else output
+        if torch.is_tensor(tensor) and tensor.requires_grad:
+            tensor.register_hook(check)  # returns None: the gradient passes unchanged
+
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    return [hook for block in blocks for hook in (block.register_forward_pre_hook(check),
+                                                  block.register_forward_hook(watch_backward))]
 
 
 def _train(components, method, instance_pixels, captions, config, class_pixels, device, callbacks) -> TrainResult:

@@ -22,6 +22,12 @@ def sample_images(components: Components, prompts: Sequence[str], seeds: Sequenc
     pipeline = components.pipeline()
     pipeline.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
+
+    def stop_check(_pipeline, _step, _timestep, outputs: dict) -> dict:
+        if should_stop and should_stop():  # every sampler step, not only between batches
+            raise TrainingCancelled()
+        return outputs
+
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             if should_stop and should_stop():
@@ -33,7 +39,7 @@ def sample_images(components: Components, prompts: Sequence[str], seeds: Sequenc
                                    for g in generators]).to(device, components.unet.dtype)
             batch = pipeline(list(prompts[chunk]), height=resolution, width=resolution, num_inference_steps=steps,
                              guidance_scale=guidance, negative_prompt=[negative_prompt] * len(generators),
-                             latents=latents, output_type="pil").images
+                             latents=latents, output_type="pil", callback_on_step_end=stop_check).images
             images.extend(batch)
             if on_batch:
                 on_batch(start, batch)

@@ -21,7 +21,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -213,6 +213,7 @@ def run_benchmark(out: str | Path = REPO / "bench" / "results", settings: Settin
         "feature_extractor": {"name": "toy-world CNN (features.py), cosine of its embeddings"} | feature_info,
         "model": {k: v for k, v in toy["info"].items() if k != "spec"} | {"spec": toy["info"].get("spec")},
         "timing": {"pretraining_seconds": pretrain_seconds,
+                   "feature_net_seconds": feature_info.get("train_seconds"),
                    "benchmark_seconds": round(time.perf_counter() - bench_started, 1),
                    "total_seconds_this_run": round(time.perf_counter() - started, 1),
                    "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), CPU"},
@@ -297,13 +298,18 @@ def markdown(report: dict) -> str:
     timing = report["timing"]
     lines += [
         "",
-        f"Feature extractor: {features['name']}. Leave-one-out nearest-neighbour accuracy on toy identity "
-        f"({features['gallery']}): toy network {features['toynet_nn_accuracy']:.2f}, ViT-S/16 with fixed random "
-        f"weights {features['random_vit_s16_nn_accuracy']:.2f}.",
+        f"Feature extractor: {features['name']}. Nearest-neighbour accuracy on toy identity "
+        f"({features['gallery']}): toy network {features['toynet_nn_accuracy']:.2f} "
+        f"({features.get('toynet_nn_accuracy_blurred', float('nan')):.2f} with the photos blurred), the DINO "
+        f"metric's ViT-S/16 with fixed random weights {features['random_vit_s16_nn_accuracy']:.2f} (mean cosine, "
+        f"same toy vs different toys: toy network {features['toynet_cosine']['same_toy']:.2f} vs "
+        f"{features['toynet_cosine']['different_toys']:.2f}, random ViT "
+        f"{features['random_vit_s16_cosine']['same_toy']:.2f} vs "
+        f"{features['random_vit_s16_cosine']['different_toys']:.2f}).",
         "",
         f"Samples: `{report['grid']}` (first seed; per method: instance prompt, then class prompt). "
-        f"Benchmark {timing['benchmark_seconds']:.0f} s; toy-model pretraining (once, cached) "
-        f"{timing['pretraining_seconds']} s; {timing['machine']}.",
+        f"Benchmark {timing['benchmark_seconds']:.0f} s; once, cached: toy-model pretraining "
+        f"{timing['pretraining_seconds']} s, feature network {timing['feature_net_seconds']} s; {timing['machine']}.",
         "",
         "Rerun: `python -m bench.quality` from the repository root (`--help` for options).",
         "",

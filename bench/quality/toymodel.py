@@ -3,16 +3,21 @@
 * The shapes come from the pack's shipped SD1.5 configs with only the sizes the single-file loader reads back from
   the weights changed, so ``models.save_single_file`` + ``models.load_base`` round-trip it, and every trainer of the
   pack trains it unchanged.
-* The VAE is trained to reconstruct toy photos (2x downsampling: a 32 px photo is a 4x16x16 latent), then its
-  latent is rescaled exactly (encoder output and decoder input) so that SD1's fixed ``scaling_factor`` 0.18215 gives
-  unit-variance latents, as the loader and trainers assume.
-* UNet and CLIP text encoder are trained together from scratch on captioned toy photos, **v-prediction**, through
-  the pack's own training loop (``loop.train`` with a ``Method`` that trains both and draws a caption per step),
-  with an exponential moving average of the weights. (Briefly trained ε-prediction models sample noise; v works.)
+* The VAE is trained to reconstruct toy photos (2x downsampling: a 32 px photo is a 4x16x16 latent; ~25.6 dB PSNR),
+  then its latent is rescaled exactly (encoder output and decoder input) so that SD1's fixed ``scaling_factor``
+  0.18215 gives unit-variance latents, as the loader and trainers assume.
+* UNet and CLIP text encoder are trained together from scratch on captioned toy photos, **v-prediction** (briefly
+  trained ε-prediction models sample noise; v works), with an exponential moving average of the weights. Three
+  things make a model trained for minutes follow words: token vectors initialised ~1 long (CLIP's 0.02 init left
+  "a photo of sks toy" and "a photo of a toy" 99% alike after training), cross-attention outputs initialised 3x
+  larger, and half of the timesteps drawn from the noisiest 60%, where the caption is what the model has to go on.
+  That last part needs its own loop (``pretrain_biased``: the pack's loop draws timesteps uniformly); ``MINI`` uses
+  the pack's loop (``loop.train`` with ``PretrainMethod``).
 
-``MINI`` is the test suite's version: the tiny architecture, a random encoder scaled to carry the image at unit
-variance (no decoder needed: the learning checks never decode), and a few seconds of pretraining so that the text
-conditions the UNet.
+``MINI`` is the test suite's version: the tiny architecture, a random encoder (group norm over all channels, so that
+colour survives) scaled to carry the image at unit variance (no decoder needed: the learning checks never decode),
+and ~8 s of pretraining. It is written as a diffusers folder (its VAE's group count differs from SD1.5's, which a
+single file cannot carry); ``TOY`` as a single file.
 """
 
 from __future__ import annotations
@@ -77,11 +82,13 @@ class ToySpec:
 
 TOY = ToySpec(name="toy-sd15", resolution=32, unet_channels=(32, 64, 64), unet_layers=1,
               unet_attention=(False, True, True), text_hidden=96, text_layers=3, text_positions=24,
-              vae_channels=(32, 32), vae_layers=1, latent_channels=4, vae_norm_groups=32, caption_keep=0.8, cross_attention_gain=3.0, high_noise=0.5, images=6000, steps=1200, batch_size=32, lr=1e-3, ema=0.995,
-              vae_steps=700)
+              vae_channels=(32, 32), vae_layers=1, latent_channels=4, vae_norm_groups=32, caption_keep=0.8,
+              cross_attention_gain=3.0, high_noise=0.5, images=6000, steps=1200, batch_size=32, lr=1e-3,
+              ema=0.995, vae_steps=700)
 MINI = ToySpec(name="mini-toy-sd15", resolution=32, unet_channels=(32, 64), unet_layers=1,
                unet_attention=(True, False), text_hidden=48, text_layers=2, text_positions=16,
-               vae_channels=(32, 32, 32, 32), vae_layers=1, latent_channels=4, vae_norm_groups=1, caption_keep=1.0, cross_attention_gain=10.0, high_noise=0.0, images=256, steps=150, batch_size=16, lr=2e-3, ema=0.0,
+               vae_channels=(32, 32, 32, 32), vae_layers=1, latent_channels=4, vae_norm_groups=1, caption_keep=1.0,
+               cross_attention_gain=10.0, high_noise=0.0, images=256, steps=150, batch_size=16, lr=2e-3, ema=0.0,
                vae_steps=0)
 
 
@@ -98,7 +105,8 @@ def build_components(spec: ToySpec, tokenizer_dir: str | Path):
     assert len(down) == levels
     vae_config = models.shipped_config("sd15_vae") | dict(
         block_out_channels=list(spec.vae_channels), layers_per_block=spec.vae_layers,
-        latent_channels=spec.latent_channels, norm_num_groups=spec.vae_norm_groups, down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
+        latent_channels=spec.latent_channels, norm_num_groups=spec.vae_norm_groups,
+        down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
         up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels), sample_size=spec.resolution)
     text_values = models.shipped_config("sd15_text_encoder") | dict(
         vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=4 * spec.text_hidden,
@@ -241,7 +249,8 @@ class PretrainMethod(loop.Method):
                     p.copy_(self.shadow[k])
 
 
-def caption_options(photos: list[world.Photo], seed: int = 0, per_image: int = 6, keep: float = 0.5) -> list[list[str]]:
+def caption_options(photos: list[world.Photo], seed: int = 0, per_image: int = 6,
+                    keep: float = 0.5) -> list[list[str]]:
     rng = random.Random(f"captions-{seed}")
     return [sorted({world.caption(p, rng, keep) for _ in range(per_image)}) + [""] for p in photos]
 
