@@ -1,8 +1,8 @@
 """A headless Chromium driven through the Chrome DevTools Protocol, with the standard library only.
 
 Just what the browser test needs: start Chromium, open one page, evaluate JavaScript, collect console messages and
-exceptions, take screenshots. The websocket client is a minimal RFC 6455 client (masked text frames out; text,
-continuation, ping and close frames in), enough for the DevTools endpoint on loopback.
+exceptions, take screenshots. The websocket is tests/wsclient.py's minimal RFC 6455 client, shared with the
+integration suite.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import base64
 import json
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import time
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from wsclient import WebSocket, WebSocketClosed
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_FLAGS = [
@@ -57,88 +56,6 @@ class CDPError(RuntimeError):
     pass
 
 
-class _WebSocket:
-    def __init__(self, url: str, timeout: float = 30.0):
-        parts = urllib.parse.urlsplit(url)
-        self.sock = socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        path = parts.path + ("?" + parts.query if parts.query else "")
-        request = (f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{parts.port}\r\nUpgrade: websocket\r\n"
-                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        self.sock.sendall(request.encode())
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise CDPError("websocket handshake: connection closed")
-            self.buffer += chunk
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        if b" 101 " not in head.split(b"\r\n", 1)[0]:
-            raise CDPError(f"websocket handshake failed: {head[:200]!r}")
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            chunk = self.sock.recv(max(65536, n - len(self.buffer)))
-            if not chunk:
-                raise CDPError("websocket closed by the browser")
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def _send_frame(self, opcode: int, payload: bytes) -> None:
-        header = bytes([0x80 | opcode])
-        n = len(payload)
-        if n < 126:
-            header += bytes([0x80 | n])
-        elif n < 1 << 16:
-            header += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            header += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if n < 4096 else _mask_fast(payload, mask)
-        self.sock.sendall(header + mask + masked)
-
-    def send(self, text: str) -> None:
-        self._send_frame(0x1, text.encode())
-
-    def recv(self) -> str:
-        message = b""
-        while True:
-            b0, b1 = self._read(2)
-            opcode, fin, n = b0 & 0x0F, b0 & 0x80, b1 & 0x7F
-            if n == 126:
-                n = struct.unpack(">H", self._read(2))[0]
-            elif n == 127:
-                n = struct.unpack(">Q", self._read(8))[0]
-            mask = self._read(4) if b1 & 0x80 else None
-            payload = self._read(n)
-            if mask:
-                payload = _mask_fast(payload, mask)
-            if opcode == 0x9:  # ping
-                self._send_frame(0xA, payload)
-                continue
-            if opcode == 0xA:
-                continue
-            if opcode == 0x8:
-                raise CDPError("websocket closed by the browser")
-            message += payload
-            if fin:
-                return message.decode()
-
-    def close(self) -> None:
-        try:
-            self._send_frame(0x8, b"")
-        except OSError:
-            pass
-        self.sock.close()
-
-
-def _mask_fast(payload: bytes, mask: bytes) -> bytes:
-    n = len(payload)
-    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
-    return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
-
-
 @dataclass
 class ConsoleEntry:
     source: str  # "console" | "exception" | "log"
@@ -159,7 +76,7 @@ class Browser:
     width: int = 1600
     height: int = 1000
     process: subprocess.Popen | None = None
-    ws: _WebSocket | None = None
+    ws: WebSocket | None = None
     console: list[ConsoleEntry] = field(default_factory=list)
     _next_id: int = 0
 
@@ -181,7 +98,7 @@ class Browser:
         port = int(port_file.read_text().split()[0])
         targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
         page = next(t for t in targets if t.get("type") == "page")
-        self.ws = _WebSocket(page["webSocketDebuggerUrl"])
+        self.ws = WebSocket(page["webSocketDebuggerUrl"])
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable")
         self.call("Emulation.setDeviceMetricsOverride", width=self.width, height=self.height,
@@ -210,7 +127,10 @@ class Browser:
         self.ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
         self.ws.sock.settimeout(timeout)
         while True:
-            message = json.loads(self.ws.recv())
+            try:
+                message = json.loads(self.ws.recv())
+            except WebSocketClosed as error:
+                raise CDPError(f"{method}: websocket closed by the browser ({error})") from error
             if message.get("id") == call_id:
                 if "error" in message:
                     raise CDPError(f"{method}: {message['error']}")

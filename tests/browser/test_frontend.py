@@ -566,7 +566,7 @@ def test_real_training_run_draws_the_chart(comfy, page, screenshot_dir):
         return true; }})()""")
     page.evaluate(f"(async () => {{ await {APP}.queuePrompt(0, 1); return true; }})()")
     started = time.monotonic()
-    page.wait_for(f"""(() => window.__personalizeTestErrors.length > 0 ||
+    page.wait_for("""(() => window.__personalizeTestErrors.length > 0 ||
         !!window.personalizeExtension.runs.get('3')?.report)()""", 600, "the training node's executed message")
     errors = page.evaluate("window.__personalizeTestErrors")
     assert not errors, errors

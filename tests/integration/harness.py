@@ -1,13 +1,12 @@
 """The integration suite's machinery: find ComfyUI, build the base folder, run a server, talk to it.
 
-Standard library only (the pack's venv has no aiohttp or websocket-client): HTTP with urllib, and a small RFC 6455
-websocket client for ComfyUI's ``/ws`` event stream.
+Standard library only (the pack's venv has no aiohttp or websocket-client): HTTP with urllib, and ComfyUI's ``/ws``
+event stream through tests/wsclient.py's small RFC 6455 client.
 """
 
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
 import copy
 import fcntl
@@ -27,6 +26,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from wsclient import TEXT, WebSocket
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "ComfyUI-Personalize"
@@ -319,97 +320,27 @@ class ComfyServer:
 
 # --------------------------------------------------------------------------------------------------- websocket
 
-_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
 class WSListener:
-    """A minimal websocket client (RFC 6455) for ``/ws?clientId=…``: collects JSON events in a background thread."""
+    """ComfyUI's ``/ws?clientId=…`` event stream (tests/wsclient.py's client): collects JSON events in a background
+    thread."""
 
     def __init__(self, host: str, port: int, client_id: str, timeout: float = 15.0):
         self.client_id = client_id
         self.events: list[dict] = []
         self.binary: list[tuple[int, int, float]] = []  # (ComfyUI binary type, size, time) of previews etc.
         self.error: BaseException | None = None
-        self._buf = bytearray()
         self._cond = threading.Condition()
-        self._send_lock = threading.Lock()
         self._closed = False
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (f"GET /ws?clientId={urllib.parse.quote(client_id)} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        self.sock.sendall(request.encode())
-        while b"\r\n\r\n" not in self._buf:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("websocket handshake: connection closed")
-            self._buf += chunk
-        end = self._buf.index(b"\r\n\r\n")
-        head = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
-        del self._buf[:end + 4]
-        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:] if ":" in line)}
-        accept = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode()).digest()).decode()
-        if head[0].split()[1:2] != ["101"] or headers.get("sec-websocket-accept") != accept:
-            raise ConnectionError(f"websocket handshake failed: {head!r}")
-        self.sock.settimeout(None)
+        self.ws = WebSocket(f"ws://{host}:{port}/ws?clientId={urllib.parse.quote(client_id)}", timeout=timeout)
+        self.ws.sock.settimeout(None)
         self._thread = threading.Thread(target=self._read_loop, name=f"ws-{client_id}", daemon=True)
         self._thread.start()
 
-    # -- frames
-    def _recv_exact(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            chunk = self.sock.recv(max(65536, n - len(self._buf)))
-            if not chunk:
-                raise ConnectionError("websocket closed by the server")
-            self._buf += chunk
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
-
-    def _send(self, opcode: int, payload: bytes = b"") -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        if n < 126:
-            header = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-        elif n < 1 << 16:
-            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-        else:
-            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        with self._send_lock:
-            self.sock.sendall(header + mask + masked)
-
     def _read_loop(self) -> None:
-        message, message_op = bytearray(), None
         try:
-            while True:
-                b1, b2 = self._recv_exact(2)
-                fin, opcode, length = b1 & 0x80, b1 & 0x0F, b2 & 0x7F
-                if length == 126:
-                    length = struct.unpack("!H", self._recv_exact(2))[0]
-                elif length == 127:
-                    length = struct.unpack("!Q", self._recv_exact(8))[0]
-                mask = self._recv_exact(4) if b2 & 0x80 else None
-                payload = self._recv_exact(length)
-                if mask:
-                    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-                if opcode == 0x8:  # close
-                    with contextlib.suppress(OSError):
-                        self._send(0x8, payload[:2])
-                    break
-                if opcode == 0x9:  # ping
-                    self._send(0xA, payload)
-                    continue
-                if opcode == 0xA:
-                    continue
-                if opcode in (0x1, 0x2):
-                    message, message_op = bytearray(payload), opcode
-                else:  # continuation
-                    message += payload
-                if fin:
-                    self._deliver(message_op, bytes(message))
-        except (OSError, ConnectionError, ValueError) as error:
+            while (message := self.ws.recv_message()) is not None:  # None: the server closed
+                self._deliver(*message)
+        except (OSError, ValueError) as error:
             if not self._closed:
                 self.error = error
         finally:
@@ -420,7 +351,7 @@ class WSListener:
     def _deliver(self, opcode: int, data: bytes) -> None:
         now = time.monotonic()
         with self._cond:
-            if opcode == 0x1:
+            if opcode == TEXT:
                 event = json.loads(data.decode("utf-8"))
                 event["_t"] = now
                 self.events.append(event)
@@ -460,11 +391,7 @@ class WSListener:
 
     def close(self) -> None:
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._send(0x8, struct.pack("!H", 1000))
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        self.ws.close()
         self._thread.join(timeout=5)
 
     def __enter__(self):
