@@ -55,6 +55,10 @@ def main() -> int:
         # accelerate wraps the real optimizer; count only the inner (torch) one, so that a step counts once.
         if type(optimizer).__name__ == "AcceleratedOptimizer":
             return
+        # Ours with fused_backward: one optimizer per weight steps inside the backward pass; the step is the
+        # group optimizer's (trainers/loop.py, fuse_optimizer_into_backward).
+        if getattr(optimizer, "fused_backward_part", False):
+            return
         if cuda:
             torch.cuda.synchronize()
             state["cuda_peak_at_last_step_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -127,7 +127,8 @@ def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tenso
                                        "choose another name, or turn on overwrite to replace it")
             artifact = personalize(components, method, images, captions, config, out,
                                    class_cache_dir=Path(folder_paths.get_output_directory()) / "personalize_class_images",
-                                   device=training_device(), callbacks=comfy_callbacks(node_id, config.steps))
+                                   device=training_device(), callbacks=comfy_callbacks(node_id, config.steps),
+                                   release_frozen=True)
         except TrainingCancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise

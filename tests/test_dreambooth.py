@@ -67,7 +67,36 @@ def test_training_lowers_the_denoising_loss_and_moves_every_unet_weight(componen
     assert after_loss / before_loss < 0.9, (before_loss, after_loss)
     unchanged = [k for k, v in weights(components.unet).items() if torch.equal(v, before[k])]
     assert unchanged == [], f"UNet weights not trained: {unchanged[:5]}"
+    # Trained conv weights on CPU: contiguous (faster there than the channels_last they were loaded in).
+    assert all(p.is_contiguous() for p in components.unet.parameters() if p.ndim == 4)
     assert len(result.losses) == 30 and result.prior_losses == []
+
+
+def test_fused_backward_is_the_same_adamw_without_a_full_set_of_gradients(tiny_model, subject_images):
+    """Stepping each weight inside the backward pass gives the weights the usual step gives (without clipping,
+    which it then does per weight), and no gradient outlives the moment its weight is updated."""
+    trained, grads_held = {}, {}
+    for fused_backward in (False, True):
+        components = models.load_base(tiny_model["single_file"])
+        unet_weights = list(components.unet.parameters())
+        held = grads_held[fused_backward] = []
+
+        def count_when_backward_reaches(_module, _args, output):
+            # A tensor hook on the first down block's output runs once the backward pass has gone through the
+            # rest of the UNet: count the weights whose gradient is held at that moment.
+            output[0].register_hook(lambda grad: held.append(sum(w.grad is not None for w in unet_weights)))
+
+        hook = components.unet.down_blocks[0].register_forward_hook(count_when_backward_reaches)
+        train_in_memory(components, subject_images, steps=3, max_grad_norm=0.0, train_text_encoder=True,
+                        fused_backward=fused_backward)
+        hook.remove()
+        trained[fused_backward] = {**weights(components.unet), **weights(components.text_encoder)}
+    assert trained[False].keys() == trained[True].keys()
+    assert all(torch.equal(trained[True][k], v) for k, v in trained[False].items())
+    assert len(grads_held[False]) == len(grads_held[True]) == 3
+    assert min(grads_held[False]) > len(unet_weights) // 2 and max(grads_held[True]) == 0, grads_held
+    with pytest.raises(errors.PersonalizeError, match="gradient_accumulation"):
+        train_in_memory(models.load_base(tiny_model["single_file"]), subject_images, steps=1, gradient_accumulation=2)
 
 
 def test_loss_is_instance_term_plus_lambda_times_prior_term(tiny_model, subject_images):
@@ -157,7 +186,9 @@ def test_single_file_round_trips_with_the_original_key_set(tiny_model, component
     out = tmp_path / "dog.safetensors"
     method = dreambooth.DreamBoothMethod(config(train_text_encoder=True), diffusers_out=tmp_path / "dog-diffusers")
     cfg = config(train_text_encoder=True)
-    artifact = run.personalize(components, method, subject_images, None, cfg, out, device=CPU)
+    # Run as the node and the CLI run it: releasing frozen parts must keep what the checkpoint needs.
+    artifact = run.personalize(components, method, subject_images, None, cfg, out, device=CPU, release_frozen=True)
+    assert components.vae is not None and components.text_encoder is not None
     assert artifact.path == out and sorted(p.name for p in tmp_path.iterdir()) == ["dog-diffusers", "dog.safetensors"]
     assert load_file(out).keys() == load_file(tiny_model["single_file"]).keys()
     assert all(v.dtype == torch.float16 for v in load_file(out).values())
@@ -251,6 +282,10 @@ def test_cli_trains_end_to_end(tiny_model, tmp_path, capsys):
     assert result["class_images_generated"] == 2
     for key in ("final_loss", "seconds_per_step", "peak_rss_mb"):
         assert isinstance(result[key], float) and result[key] > 0
-    # No silent overwrite: the same command again is refused before any training.
+    # No silent overwrite: the same command again is refused before any training; nor is the base replaced.
     assert cli.main(argv) == 2
     assert "already exists" in capsys.readouterr().err
+    onto_base = argv[:argv.index("--diffusers-out")] + ["--json"]
+    onto_base[onto_base.index(str(out))] = tiny_model["single_file"]
+    assert cli.main(onto_base + ["--overwrite"]) == 2
+    assert "is the base model itself" in capsys.readouterr().err

@@ -1,4 +1,6 @@
+import gc
 import re
+import weakref
 
 import pytest
 import torch
@@ -25,10 +27,11 @@ def config(**overrides):
     return lora.LoRAConfig(**values)
 
 
-def train(components, images, out, callbacks=None, **overrides):
+def train(components, images, out, callbacks=None, release_frozen=False, **overrides):
     cfg = config(**overrides)
     return run.personalize(components, lora.LoRAMethod(cfg), images, None, cfg, out,
-                           class_cache_dir=out.parent / "class-cache", device=CPU, callbacks=callbacks)
+                           class_cache_dir=out.parent / "class-cache", device=CPU, callbacks=callbacks,
+                           release_frozen=release_frozen)
 
 
 def base_weights(components):
@@ -77,6 +80,41 @@ def test_same_seed_gives_an_identical_file(tiny_model, subject_images, tmp_path,
                   steps=5, seed=1)
     third_tensors, _ = file_content(third.path)
     assert not all(torch.equal(first_tensors[k], third_tensors[k]) for k in first_tensors)
+
+
+def test_releasing_the_frozen_parts_changes_nothing_but_what_is_held(tiny_model, subject_images, tmp_path):
+    """The node and the CLI drop the VAE and a frozen text encoder once their outputs are cached: same file, less
+    memory. A trained text encoder, or previews (which decode and encode prompts), keep what they need."""
+    kept = train(models.load_base(tiny_model["single_file"]), subject_images, tmp_path / "kept" / "x.safetensors",
+                 steps=4)
+    released_components = models.load_base(tiny_model["single_file"])
+    dropped = [weakref.ref(released_components.vae), weakref.ref(released_components.text_encoder)]
+    still_alive = []
+
+    def on_step(info):
+        gc.collect()
+        still_alive.append([ref() is not None for ref in dropped])
+
+    released = train(released_components, subject_images, tmp_path / "released" / "x.safetensors", steps=4,
+                     release_frozen=True, callbacks=loop.Callbacks(on_step=on_step))
+    assert released_components.vae is None and released_components.text_encoder is None
+    # Frozen conv weights keep the channels_last layout they were loaded in (faster for them on CPU).
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in released_components.unet.parameters() if p.ndim == 4)
+    assert still_alive == [[False, False]] * 4, "nothing may keep a dropped module (and its memory) alive"
+    kept_tensors, released_tensors = file_content(kept.path)[0], file_content(released.path)[0]
+    assert kept_tensors.keys() == released_tensors.keys()
+    assert all(torch.equal(kept_tensors[k], released_tensors[k]) for k in kept_tensors)
+
+    with_text_encoder = models.load_base(tiny_model["single_file"])
+    train(with_text_encoder, subject_images, tmp_path / "te" / "x.safetensors", steps=2, train_text_encoder=True,
+          release_frozen=True)
+    assert with_text_encoder.vae is None and with_text_encoder.text_encoder is not None
+
+    previewed, previews = models.load_base(tiny_model["single_file"]), []
+    train(previewed, subject_images, tmp_path / "preview" / "x.safetensors", steps=2, preview_every=2,
+          callbacks=loop.Callbacks(on_preview=lambda step, image: previews.append(step)), release_frozen=True)
+    assert previews == [2] and previewed.vae is not None and previewed.text_encoder is not None
 
 
 KOHYA_KEY = re.compile(r"^(lora_unet|lora_te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")

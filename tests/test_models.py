@@ -1,5 +1,7 @@
 """Offline model loading and the single-file ↔ diffusers conversion, checked against diffusers' own loaders."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -135,6 +137,40 @@ def test_the_streaming_reader_matches_safetensors(tmp_path):
     assert as_fp32["f16"].dtype == torch.float32 and torch.equal(as_fp32["f16"], tensors["f16"].float())
     assert as_fp32["i64"].dtype == torch.int64
     assert as_fp32["conv"].is_contiguous(memory_format=torch.channels_last)
+    as_stored = models.read_safetensors(path, torch.float32, channels_last_prefix=None)
+    assert state_dicts_equal({k: v for k, v in as_stored.items() if k != "f16"},
+                             {k: v for k, v in load_file(str(path)).items() if k != "f16"})
+    assert as_stored["conv"].is_contiguous()
+
+
+def test_tensors_kept_as_stored_are_private_views_of_the_file(tmp_path):
+    """What needs no conversion maps the file (read when used, as diffusers loads); writes stay in the process."""
+    tensors = {"a_odd_f16": torch.randn(3).half(), "b_f32": torch.randn(5, 7), "c_conv": torch.randn(4, 3, 3, 3)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    original = path.read_bytes()
+    loaded = models.read_safetensors(path, torch.float32, channels_last_prefix="c_")
+    mapped = {k for k, v in loaded.items() if v.untyped_storage().nbytes() == len(original)}
+    assert mapped == {"b_f32"}, "fp16 is converted, the conv is laid out channels_last"
+    loaded["b_f32"].add_(1.0)
+    assert path.read_bytes() == original
+    assert torch.equal(models.read_safetensors(path)["b_f32"], tensors["b_f32"])
+
+
+def test_an_fp32_model_maps_what_it_does_not_convert(tiny_model):
+    """From an fp32 file the VAE and the UNet's non-conv weights are views of the file (so the VAE decoder is never
+    read while training); the UNet's conv weights are copies laid out channels_last."""
+    components = models.load_base(tiny_model["single_file"])
+    file_size = Path(tiny_model["single_file"]).stat().st_size
+
+    def is_mapped(tensor):
+        return tensor.untyped_storage().nbytes() == file_size
+
+    assert all(is_mapped(p) and p.is_contiguous() for p in components.vae.parameters())
+    unet = dict(components.unet.named_parameters())
+    assert all(not is_mapped(p) and p.is_contiguous(memory_format=torch.channels_last)
+               for p in unet.values() if p.ndim == 4)
+    assert all(is_mapped(p) for p in unet.values() if p.ndim < 4)
 
 
 def test_components_never_alias_the_callers_tensors(tiny_model):

@@ -36,8 +36,8 @@ def shipped_config(name: str) -> dict:
 @dataclass
 class Components:
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    vae: AutoencoderKL | None  # None once training released it (loop.train's release_frozen)
+    text_encoder: CLIPTextModel | None
     tokenizer: object
     noise_scheduler: DDPMScheduler
     arch: str = "sd15"
@@ -163,7 +163,8 @@ def tokenizer_for(text_encoder: CLIPTextModel, folder: str | Path):
     return tokenizer
 
 
-def _materialize(model_factory, state_dict: dict, dtype: torch.dtype, what: str, owned: bool = False):
+def _materialize(model_factory, state_dict: dict, dtype: torch.dtype, what: str, owned: bool = False,
+                 channels_last: bool = True):
     """Build a model without random init and fill it with ``state_dict``. Tensors the caller hands over
     (``owned``, e.g. just read from a file in the right dtype and layout) are used as they are; anything else is
     copied, so training never modifies a host's live weights and inference-mode tensors become normal ones."""
@@ -175,15 +176,18 @@ def _materialize(model_factory, state_dict: dict, dtype: torch.dtype, what: str,
         raise PersonalizeError(f"the {what} weights do not fit an SD1.x {what}: {len(missing)} missing "
                                f"(e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected "
                                f"(e.g. {sorted(unexpected)[:3]}). Is this a complete SD1.x checkpoint?")
-    tensors = {k: v.to(dtype=dtype, memory_format=_layout(v), copy=not owned) for k, v in state_dict.items()}
+    tensors = {k: v.to(dtype=dtype, memory_format=_layout(v.ndim, channels_last), copy=not owned)
+               for k, v in state_dict.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
 
 
-def _layout(tensor: torch.Tensor) -> torch.memory_format:
+def _layout(ndim: int, channels_last: bool = True) -> torch.memory_format:
     # Conv weights in channels_last make CPU convolutions take oneDNN's path (-34% per SD1.5 LoRA step at small
-    # resolutions) and suit tensor cores on GPUs; copying straight into that layout costs no extra memory.
-    return torch.channels_last if tensor.ndim == 4 else torch.contiguous_format
+    # resolutions) and suit tensor cores on GPUs; copying straight into that layout costs no extra memory. Only
+    # the UNet, which runs every step: the VAE runs once per run (5% slower as stored), and a weight kept as stored
+    # can stay a view of the file (see read_safetensors), so its decoder costs no memory while training.
+    return torch.channels_last if ndim == 4 and channels_last else torch.contiguous_format
 
 
 def _shape_mismatch(error: Exception, what: str) -> PersonalizeError:
@@ -203,7 +207,8 @@ def components_from_original(state_dict: dict, tokenizer_dir: str | Path, *, nam
             unet = _materialize(lambda: UNet2DConditionModel.from_config(unet_config),
                                 unet_key_map(unet_config).to_diffusers(parts["unet"]), dtype, "UNet", owned)
             vae = _materialize(lambda: AutoencoderKL.from_config(vae_config),
-                               vae_key_map(vae_config).to_diffusers(parts["vae"]), dtype, "VAE", owned)
+                               vae_key_map(vae_config).to_diffusers(parts["vae"]), dtype, "VAE", owned,
+                               channels_last=False)
             # Built normally (it is small): CLIP keeps non-persistent buffers that an empty init would leave unset.
             text_encoder = CLIPTextModel(text_config).to(dtype).eval()
             rename = text_encoder_key_map(text_encoder.state_dict())
@@ -225,13 +230,20 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """A safetensors file read tensor by tensor with plain reads, floating tensors converted to ``dtype`` and conv
-    weights laid out channels_last as they arrive.
+def read_safetensors(path: str | Path, dtype: torch.dtype | None = None,
+                     channels_last_prefix: str | None = "") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, floating ones in ``dtype``, 4-D ones whose name starts with
+    ``channels_last_prefix`` (None: none) laid out channels_last.
 
-    A memory-mapped load (safetensors' own) keeps every page it touched resident beside any converted copy: an
-    fp16 SD1.5 file turned into fp32 would peak at file + model. Reading one tensor at a time peaks at the model.
+    A tensor already stored that way is a view of a private memory map of the file, as diffusers loads: it is read
+    when first used, so weights a run never touches cost no memory (and no start-up time), and training's changes
+    stay in this process. Any other tensor is read on its own and converted as it arrives: a whole-file map would
+    keep every page it touched resident beside the converted copies (an fp16 SD1.5 file turned into fp32 would
+    peak at file + model); one tensor at a time peaks at the model.
     """
+    path = Path(path)
+    file_size = path.stat().st_size
+    file_map = None
     with open(path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_size))
@@ -241,16 +253,26 @@ def read_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
             if name == "__metadata__":
                 continue
             if info["dtype"] not in _SAFETENSORS_DTYPES:
-                raise PersonalizeError(f"{Path(path).name}: tensor {name} has dtype {info['dtype']}, which the pack "
+                raise PersonalizeError(f"{path.name}: tensor {name} has dtype {info['dtype']}, which the pack "
                                        "cannot train; use an fp32/fp16/bf16 checkpoint")
-            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            stored, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
             begin, end = info["data_offsets"]
-            f.seek(data_start + begin)
+            if data_start + end > file_size:
+                raise PersonalizeError(f"{path.name} is truncated (tensor {name}); download it again")
+            wanted = (dtype or stored) if stored.is_floating_point else stored
+            layout = _layout(len(shape), stored.is_floating_point and channels_last_prefix is not None
+                             and name.startswith(channels_last_prefix))
+            offset, itemsize = data_start + begin, stored.itemsize
+            if wanted == stored and layout == torch.contiguous_format and offset % itemsize == 0:
+                if file_map is None:
+                    file_map = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=file_size)
+                tensors[name] = torch.empty(0, dtype=stored).set_(file_map, offset // itemsize, shape)
+                continue
+            tensor = torch.empty(shape, dtype=stored)
+            f.seek(offset)
             if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
-                raise PersonalizeError(f"{Path(path).name} is truncated (tensor {name}); download it again")
-            if tensor.is_floating_point():
-                tensor = tensor.to(dtype=dtype or tensor.dtype, memory_format=_layout(tensor))
-            tensors[name] = tensor
+                raise PersonalizeError(f"{path.name} is truncated (tensor {name}); download it again")
+            tensors[name] = tensor.to(dtype=wanted, memory_format=layout)
     return tensors
 
 
@@ -261,7 +283,7 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> dict[
         raise PersonalizeError(f"no checkpoint file at {path}")
     try:
         if path.suffix == ".safetensors":
-            return read_safetensors(path, dtype)
+            return read_safetensors(path, dtype, channels_last_prefix=UNET_PREFIX)
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # any parse failure of a user file is a bad input, not a bug
         raise PersonalizeError(f"could not read {path.name} as a model checkpoint ({error}); "
@@ -291,7 +313,7 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32) -> C
                                    "needs unet, vae, text_encoder, tokenizer and scheduler")
     with torch.inference_mode(False):
         unet = _load_diffusers_model(UNet2DConditionModel, folder / "unet", dtype, "UNet")
-        vae = _load_diffusers_model(AutoencoderKL, folder / "vae", dtype, "VAE")
+        vae = _load_diffusers_model(AutoencoderKL, folder / "vae", dtype, "VAE", channels_last=False)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype).eval()
     components = Components(unet=unet, vae=vae, text_encoder=text_encoder,
                             tokenizer=tokenizer_for(text_encoder, folder / "tokenizer"),
@@ -301,14 +323,14 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype = torch.float32) -> C
     return components
 
 
-def _load_diffusers_model(model_class, folder: Path, dtype: torch.dtype, what: str):
+def _load_diffusers_model(model_class, folder: Path, dtype: torch.dtype, what: str, channels_last: bool = True):
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():  # sharded or .bin weights: diffusers' own loader
         model = model_class.from_pretrained(folder, torch_dtype=dtype)
-        return model.to(memory_format=torch.channels_last).eval()
+        return (model.to(memory_format=torch.channels_last) if channels_last else model).eval()
     config = model_class.load_config(folder)
-    return _materialize(lambda: model_class.from_config(config), read_safetensors(weights, dtype), dtype, what,
-                        owned=True)
+    return _materialize(lambda: model_class.from_config(config), read_safetensors(weights, dtype, "" if channels_last else None),
+                        dtype, what, owned=True, channels_last=channels_last)
 
 
 def load_base(path: str | Path, tokenizer_dir: str | Path | None = None,

@@ -64,8 +64,10 @@ def find_trained(folder: str | Path, stem: str, suffix: str, fingerprint: str) -
 
 def personalize(components: Components, method: Method, images: torch.Tensor, captions: list[str] | None,
                 config: TrainConfig, out_path: str | Path, *, class_cache_dir: str | Path | None = None,
-                device: torch.device | None = None, callbacks: Callbacks | None = None) -> Artifact:
-    """Train ``method`` on ``images`` (a ComfyUI IMAGE batch [B,H,W,3] in 0..1) and write its artifact."""
+                device: torch.device | None = None, callbacks: Callbacks | None = None,
+                release_frozen: bool = False) -> Artifact:
+    """Train ``method`` on ``images`` (a ComfyUI IMAGE batch [B,H,W,3] in 0..1) and write its artifact.
+    ``release_frozen``: the caller discards ``components`` afterwards (see ``loop.train``)."""
     callbacks = callbacks or Callbacks()
     device = device or pick_device()
     captions = list(captions or [""] * images.shape[0])
@@ -86,7 +88,7 @@ def personalize(components: Components, method: Method, images: torch.Tensor, ca
             components, config, class_cache_dir or default_cache_dir() / "class_images",
             on_progress=progress, should_stop=callbacks.should_stop)
     result = train(components, method, pixels, captions, config, class_pixels=class_pixels, device=device,
-                   callbacks=callbacks)
+                   callbacks=callbacks, release_frozen=release_frozen)
     result.input_fingerprint = fingerprint
     path, metadata = method.export(components, config, result, Path(out_path))
     return Artifact(path=path, method=method.name, metadata=metadata, result=result, class_image_dir=class_dir,
@@ -112,13 +114,16 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_training_command(args: argparse.Namespace, config: TrainConfig, method: Method) -> dict:
     out = Path(args.out)
+    if out.resolve() == Path(args.base).expanduser().resolve():
+        raise PersonalizeError(f"--out {out} is the base model itself; write the result to another file")
     if out.exists() and not args.overwrite:
         raise PersonalizeError(f"--out {out} already exists; choose another path or pass --overwrite")
     device = pick_device(args.device)
     subject = load_subject_folder(args.images, resolution=config.resolution)
     components = load_base(args.base, tokenizer_dir=args.tokenizer)
     artifact = personalize(components, method, subject.images, subject.captions, config, out,
-                           class_cache_dir=args.class_cache, device=device, callbacks=terminal_callbacks())
+                           class_cache_dir=args.class_cache, device=device, callbacks=terminal_callbacks(),
+                           release_frozen=True)
     result = artifact.result
     return {"output": str(artifact.path), "method": artifact.method, "steps": result.steps,
             "final_loss": round(result.final_loss, 6), "seconds_per_step": round(result.seconds_per_step, 4),

@@ -332,6 +332,15 @@ function watch(node, fn) {
     return { update, stop };
 }
 
+// Draw a node's widget now and again whenever the node is added to a graph or loaded from a saved one.
+function keepDrawn(node, registration, draw) {
+    chain(node, "onAdded", () => { registration.update(); draw(); });
+    chain(node, "onConfigure", () => { registration.update(); fitNode(node, 0); draw(); });
+    registration.update();
+    fitNode(node, 0);
+    draw();
+}
+
 function fitNode(node, minHeight) {
     try {
         const size = node.computeSize?.() ?? node.size;
@@ -404,11 +413,7 @@ function addChartWidget(node) {
         observer?.disconnect();
         registration.stop();
     });
-    chain(node, "onAdded", () => { registration.update(); draw(); });
-    chain(node, "onConfigure", () => { registration.update(); fitNode(node, 0); draw(); });
-    registration.update();
-    fitNode(node, 0);
-    draw();
+    keepDrawn(node, registration, draw);
     return widget;
 }
 
@@ -463,11 +468,7 @@ function addMetricsWidget(node) {
     });
     widget.serialize = false;
     chain(widget, "onRemove", () => registration.stop());
-    chain(node, "onAdded", () => { registration.update(); draw(); });
-    chain(node, "onConfigure", () => { registration.update(); fitNode(node, 0); draw(); });
-    registration.update();
-    fitNode(node, 0);
-    draw();
+    keepDrawn(node, registration, draw);
     return widget;
 }
 
