@@ -329,8 +329,9 @@ def _load_diffusers_model(model_class, folder: Path, dtype: torch.dtype, what: s
         model = model_class.from_pretrained(folder, torch_dtype=dtype)
         return (model.to(memory_format=torch.channels_last) if channels_last else model).eval()
     config = model_class.load_config(folder)
-    return _materialize(lambda: model_class.from_config(config), read_safetensors(weights, dtype, "" if channels_last else None),
-                        dtype, what, owned=True, channels_last=channels_last)
+    tensors = read_safetensors(weights, dtype, channels_last_prefix="" if channels_last else None)
+    return _materialize(lambda: model_class.from_config(config), tensors, dtype, what, owned=True,
+                        channels_last=channels_last)
 
 
 def load_base(path: str | Path, tokenizer_dir: str | Path | None = None,
