@@ -5,7 +5,7 @@ so everything inside the pack uses relative imports. Nothing from ComfyUI is imp
 only when ComfyUI asks for them through ``comfy_entrypoint``, so the pack also imports in plain Python.
 """
 
-__version__ = "0.1.0"
+from .trainers import __version__  # noqa: F401 - the pack's version, kept in the engine
 
 WEB_DIRECTORY = "./web"
 

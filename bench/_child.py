@@ -56,7 +56,7 @@ def main() -> int:
         if type(optimizer).__name__ == "AcceleratedOptimizer":
             return
         # Ours with fused_backward: one optimizer per weight steps inside the backward pass; the step is the
-        # group optimizer's (trainers/loop.py, fuse_optimizer_into_backward).
+        # group optimizer's (trainers/optim.py, fuse_optimizer_into_backward).
         if getattr(optimizer, "fused_backward_part", False):
             return
         if cuda:
@@ -72,7 +72,7 @@ def main() -> int:
     error = None
     ours_json = None
     if spec["kind"] == "ours":
-        from comfyui_personalize.trainers.cli import main as cli_main
+        from comfyui_personalize.cli import main as cli_main
 
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):

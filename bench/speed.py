@@ -212,7 +212,7 @@ def prepare_images(work: Path, resolution: int) -> Path:
     script = (
         "import sys, numpy as np\n"
         "from PIL import Image\n"
-        "from comfyui_personalize.trainers.synthetic import subject_photos\n"
+        "from comfyui_personalize.trainers.testing.synthetic import subject_photos\n"
         "size = int(sys.argv[2])\n"
         "for i, image in enumerate(subject_photos(4, size)):\n"
         "    Image.fromarray((image.numpy() * 255).round().astype(np.uint8)).save(f'{sys.argv[1]}/{i:02d}.png')\n")

@@ -5,30 +5,31 @@ ComfyUI modules are imported inside the functions, so this module (and the pack)
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..trainers.errors import PersonalizeError, TrainingCancelled
-from ..trainers.export import output_path, sanitize_name
-from ..trainers.loop import Callbacks, Method, StepInfo, free_memory
-from ..trainers.models import components_from_original, fingerprint_state_dict, read_metadata
-from ..trainers.run import find_trained, personalize, training_fingerprint
+from ..trainers.components import fingerprint_state_dict
+from ..trainers.device import free_memory
+from ..trainers.errors import TrainingCancelled
+from ..trainers.families import detect_checkpoint
+from ..trainers.loop import Callbacks, StepInfo
+from ..trainers.methods.base import Method
+from ..trainers.run import BaseModel, Output, train_or_reuse
 
 LOSS_EVENT = "personalize.loss"
 
 
-def sd1_tokenizer_dir() -> Path:
-    """The CLIP tokenizer files ComfyUI ships for SD1.x (comfy/sd1_tokenizer)."""
+def comfy_tokenizer_dir(family) -> Path:
+    """The tokenizer files ComfyUI ships for a family (e.g. comfy/sd1_tokenizer)."""
     import comfy.sd1_clip
 
-    return Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
+    return Path(comfy.sd1_clip.__file__).parent / family.comfy_tokenizer
 
 
-def original_state_dict(model, clip, vae) -> dict[str, torch.Tensor]:
+def comfy_state_dict(model, clip, vae) -> dict[str, torch.Tensor]:
     """The graph's MODEL/CLIP/VAE as one original-layout SD1.x state dict, with any LoRA patched in, on the CPU
     (the path ComfyUI's own checkpoint saving takes)."""
     import comfy.model_management
@@ -108,43 +109,33 @@ def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tenso
     import folder_paths
 
     folder = model_folder(folder_kind)
-    stem = sanitize_name(name)
+    on_collision = "overwrite" if overwrite else ("rename" if rename_on_collision else "refuse")
+    output = Output.named(folder, name, suffix, on_collision)
     with torch.inference_mode(False):
-        state_dict = original_state_dict(model, clip, vae)
-        fingerprint = training_fingerprint(method, config, images, captions or [""] * images.shape[0],
-                                           fingerprint_state_dict(state_dict))
-        existing = find_trained(folder, stem, suffix, fingerprint)
-        if existing is not None:
-            return _artifact(existing, folder, method, reused=True)
-        release_comfy_models()
-        components = None
+        held = {"state_dict": comfy_state_dict(model, clip, vae)}
+
+        def load():
+            release_comfy_models()
+            state_dict = held.pop("state_dict")  # the components copy it; this copy goes as soon as they exist
+            family = detect_checkpoint(state_dict)
+            return family.from_original(state_dict, comfy_tokenizer_dir(family), name=_base_name(model))
+
+        base = BaseModel(fingerprint_state_dict(held["state_dict"]), load)
         try:
-            components = components_from_original(state_dict, sd1_tokenizer_dir(), name=_base_name(model))
-            del state_dict
-            out = output_path(folder, stem, suffix, overwrite=overwrite or not rename_on_collision)
-            if out.exists() and not overwrite:
-                raise PersonalizeError(f"{out.name} already exists in {folder} and was trained from other inputs; "
-                                       "choose another name, or turn on overwrite to replace it")
-            artifact = personalize(components, method, images, captions, config, out,
-                                   class_cache_dir=Path(folder_paths.get_output_directory()) / "personalize_class_images",
-                                   device=training_device(), callbacks=comfy_callbacks(node_id, config.steps),
-                                   release_frozen=True)
+            artifact = train_or_reuse(
+                base, method, images, captions, config, output,
+                class_cache_dir=Path(folder_paths.get_output_directory()) / "personalize_class_images",
+                device=training_device(), callbacks=comfy_callbacks(node_id, config.steps), release_frozen=True)
         except TrainingCancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise
         finally:
-            components = None
+            held.clear()
             free_memory()
             comfy.model_management.soft_empty_cache()
-    return _artifact(artifact.path, folder, method, losses=artifact.result.losses)
-
-
-def _artifact(path: Path, folder: Path, method: Method, losses=None, reused=False) -> TrainedArtifact:
-    metadata = read_metadata(path)
-    if losses is None:
-        losses = json.loads(metadata.get("personalize.losses", "[]"))
-    return TrainedArtifact(path=path, name=os.path.relpath(path, folder).replace(os.sep, "/"), method=method.name,
-                           metadata=metadata, losses=list(losses), reused=reused)
+    return TrainedArtifact(path=artifact.path, name=os.path.relpath(artifact.path, folder).replace(os.sep, "/"),
+                           method=artifact.method, metadata=artifact.metadata, losses=list(artifact.losses),
+                           reused=artifact.reused)
 
 
 def _base_name(model) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainers.dreambooth import DreamBoothConfig, DreamBoothMethod, check_device
+from ..trainers.methods.dreambooth import DreamBoothConfig, DreamBoothMethod, check_device
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy, training_device
 from .schema import config_from_inputs, option_inputs

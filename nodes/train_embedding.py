@@ -7,7 +7,7 @@ import dataclasses
 
 from comfy_api.latest import io
 
-from ..trainers.embedding import EmbeddingConfig, EmbeddingMethod
+from ..trainers.methods.embedding import EmbeddingConfig, EmbeddingMethod
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy
 from .schema import config_from_inputs, option_inputs

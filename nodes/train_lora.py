@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainers.lora import LoRAConfig, LoRAMethod
+from ..trainers.methods.lora import LoRAConfig, LoRAMethod
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy
 from .schema import config_from_inputs, option_inputs

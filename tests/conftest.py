@@ -56,7 +56,7 @@ def pack(submodule: str = ""):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> dict:
     """The tiny random SD1.x model, written once per session: diffusers folder, single file and tokenizer."""
-    return pack("trainers.tiny").make_tiny_model(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
+    return pack("trainers.testing.tiny").make_tiny_model(tmp_path_factory.mktemp("tiny-model"), size="tiny", seed=0)
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def components(tiny_model):
 
 def make_subject_images(count: int = 4, size: int = 64, seed: int = 0):
     """A small IMAGE batch ([B,H,W,3] in 0..1) of one made-up subject (the pack's own synthetic photos)."""
-    return pack("trainers.synthetic").subject_photos(count, size, seed)
+    return pack("trainers.testing.synthetic").subject_photos(count, size, seed)
 
 
 @pytest.fixture

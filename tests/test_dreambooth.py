@@ -8,10 +8,12 @@ from safetensors.torch import load_file
 from conftest import make_subject_images, pack
 
 loop = pack("trainers.loop")
-dreambooth = pack("trainers.dreambooth")
+dreambooth = pack("trainers.methods.dreambooth")
 run = pack("trainers.run")
 data = pack("trainers.data")
 models = pack("trainers.models")
+clip_text = pack("trainers.families.clip")
+checkpoints = pack("trainers.checkpoints")
 optim = pack("trainers.optim")
 errors = pack("trainers.errors")
 
@@ -150,7 +152,7 @@ def test_prior_term_is_the_denoising_loss_on_the_class_images(components, subjec
         class_latent = real_posterior(components.vae, class_pixels[:1])[0] * scaling
         assert torch.allclose(latents[2:], class_latent.expand(2, -1, -1, -1), atol=1e-6)
         assert not torch.allclose(latents[:2], class_latent.expand(2, -1, -1, -1), atol=1e-2)
-        hidden = components.text_encoder(loop.tokenize(components.tokenizer, [CLASS_PROMPT]))[0].expand(2, -1, -1)
+        hidden = components.text_encoder(clip_text.tokenize(components.tokenizer, [CLASS_PROMPT]))[0].expand(2, -1, -1)
         prediction = components.unet(add_noise(class_latent.expand(2, -1, -1, -1), noise[2:], timesteps[2:]),
                                      timesteps[2:], hidden).sample
         expected = torch.nn.functional.mse_loss(prediction, noise[2:]).item()
@@ -193,7 +195,7 @@ def test_single_file_round_trips_with_the_original_key_set(tiny_model, component
     assert load_file(out).keys() == load_file(tiny_model["single_file"]).keys()
     assert all(v.dtype == torch.float16 for v in load_file(out).values())
 
-    metadata = models.read_metadata(out)
+    metadata = checkpoints.read_metadata(out)
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1"
     assert metadata["modelspec.trigger_phrase"] == PROMPT and metadata["modelspec.resolution"] == "64x64"
     assert metadata["modelspec.title"] == "dog" and metadata["modelspec.prediction_type"] == "epsilon"
@@ -274,7 +276,7 @@ def test_cli_trains_end_to_end(tiny_model, tmp_path, capsys):
             "--class-images", "2", "--class-sampler-steps", "2", "--class-cache", str(tmp_path / "class"),
             "--train-text-encoder", "--no-gradient-checkpointing", "--device", "cpu",
             "--diffusers-out", str(tmp_path / "dog-diffusers"), "--json"]
-    cli = pack("trainers.cli")
+    cli = pack("cli")
     assert cli.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["output"] == str(out) and out.is_file() and result["steps"] == 2

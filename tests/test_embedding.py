@@ -22,7 +22,8 @@ def denoising_loss(components, latents, noise, timesteps, prompt: str) -> float:
     loop = pack("trainers.loop")
     noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
     with torch.no_grad():
-        hidden = components.text_encoder(loop.tokenize(components.tokenizer, [prompt] * len(latents)))[0]
+        ids = pack("trainers.families.clip").tokenize(components.tokenizer, [prompt] * len(latents))
+        hidden = components.text_encoder(ids)[0]
         prediction = components.unet(noisy, timesteps, hidden).sample
     target = loop.denoising_target(components.noise_scheduler, latents, noise, timesteps)
     return float(torch.nn.functional.mse_loss(prediction, target))
@@ -36,7 +37,7 @@ def state(components) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
     """One 3-vector run (the loop, then the method's export), with what the tests compare it to."""
-    loop, embedding = pack("trainers.loop"), pack("trainers.embedding")
+    loop, embedding = pack("trainers.loop"), pack("trainers.methods.embedding")
     components = pack("trainers.models").load_base(tiny_model["single_file"])
     config = embedding.EmbeddingConfig(token=TOKEN, init_word="toy", vectors=VECTORS, steps=20, lr=2e-2,
                                        resolution=64, seed=0)
@@ -83,14 +84,14 @@ def test_only_the_new_vectors_change(trained):
     init = before[table_key][trained["components"].tokenizer.convert_tokens_to_ids("toy</w>")]
     assert all(not torch.equal(v, init) for v in vectors)
     # The new vectors stayed within the length cap.
-    assert vectors.norm(dim=1).max() <= trained["method"].max_norm * (1 + 1e-5)
+    assert vectors.norm(dim=1).max() <= trained["method"].splices[0][2] * (1 + 1e-5)
 
 
 def test_file_loads_in_diffusers_with_the_trained_conditioning(trained, tiny_model):
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model["diffusers"], safety_checker=None)
-    pack("trainers.embedding").load_embedding(pipeline, trained["path"])  # token from the file's metadata
+    pack("trainers.methods.embedding").load_embedding(pipeline, trained["path"])  # token from the file's metadata
     assert [pipeline.tokenizer.convert_ids_to_tokens(i) for i in range(len(pipeline.tokenizer) - VECTORS,
                                                                        len(pipeline.tokenizer))] \
         == [TOKEN, f"{TOKEN}_1", f"{TOKEN}_2"]
@@ -105,7 +106,7 @@ def test_file_format_size_and_metadata(trained):
     assert tensors["emb_params"].shape == (VECTORS, 48) and tensors["emb_params"].dtype == torch.float32
     header = int.from_bytes(path.read_bytes()[:8], "little")
     assert path.stat().st_size == 8 + header + VECTORS * 48 * 4
-    assert pack("trainers.models").read_metadata(path) == metadata
+    assert pack("trainers.checkpoints").read_metadata(path) == metadata
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
     assert (metadata["personalize.token"], metadata["personalize.init_word"], metadata["personalize.vectors"],
             metadata["personalize.steps"]) == (TOKEN, "toy", "3", "20")
@@ -113,7 +114,7 @@ def test_file_format_size_and_metadata(trained):
 
 
 def test_prompts_come_from_the_templates():
-    embedding = pack("trainers.embedding")
+    embedding = pack("trainers.methods.embedding")
     config = embedding.EmbeddingConfig(token=TOKEN, vectors=2, templates="style")
     options = embedding.EmbeddingMethod(config).prompts(config, ["", "at night"])
     assert options[0][0] == f"a painting in the style of {TOKEN} {TOKEN}_1"
@@ -122,7 +123,7 @@ def test_prompts_come_from_the_templates():
 
 
 def test_token_names_and_init_word_rules(components):
-    embedding = pack("trainers.embedding")
+    embedding = pack("trainers.methods.embedding")
     PersonalizeError = pack("trainers.errors").PersonalizeError
 
     def prepare(**values):
@@ -144,8 +145,8 @@ def test_token_names_and_init_word_rules(components):
     table = components.text_encoder.get_input_embeddings().weight.detach().clone()
     method, groups = prepare(token=TOKEN, init_word="teddy bear", vectors=2)
     ids = components.tokenizer.convert_tokens_to_ids(["teddy</w>", "bear</w>"])
-    assert groups[0]["params"] == [method.spliced.vectors]
-    assert torch.equal(method.spliced.vectors, table[ids].mean(dim=0).repeat(2, 1))
+    assert groups[0]["params"] == [method.splices[0][1].vectors]
+    assert torch.equal(method.splices[0][1].vectors, table[ids].mean(dim=0).repeat(2, 1))
     # The name is now taken (also by the next free suggestion's check).
     with pytest.raises(PersonalizeError, match=f"token '{TOKEN}' is already .* e.g. '<tok-2>'"):
         prepare(token=TOKEN)
@@ -162,7 +163,7 @@ def test_cli_trains_and_writes_an_embedding(tiny_model, tmp_path, capsys):
     args = ["train-embedding", "--base", tiny_model["single_file"], "--images", str(images), "--out", str(out),
             "--token", TOKEN, "--init-word", "toy", "--vectors", "1", "--steps", "3", "--resolution", "64",
             "--device", "cpu", "--json"]
-    cli = pack("trainers.cli")
+    cli = pack("cli")
     assert cli.main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["output"] == str(out) and report["steps"] == 3
@@ -170,9 +171,13 @@ def test_cli_trains_and_writes_an_embedding(tiny_model, tmp_path, capsys):
         assert report[key] > 0, key
     assert load_file(str(out))["emb_params"].shape == (1, 48)
 
-    # An existing --out is refused and left as it was, before anything is loaded.
+    # The same inputs again reuse the file; other inputs are refused and leave it as it was, before training.
     written = out.read_bytes()
-    assert cli.main(args) == 2
+    assert cli.main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reused"] is True
+    other = [*args]
+    other[other.index("--steps") + 1] = "4"
+    assert cli.main(other) == 2
     assert "already exists" in capsys.readouterr().err
     assert out.read_bytes() == written
     assert cli.main(args[:-1] + ["--vectors", "17", "--json"]) == 2

@@ -42,9 +42,9 @@ loop = pack("trainers.loop")
 run = pack("trainers.run")
 data = pack("trainers.data")
 models = pack("trainers.models")
-dreambooth = pack("trainers.dreambooth")
-lora = pack("trainers.lora")
-embedding = pack("trainers.embedding")
+dreambooth = pack("trainers.methods.dreambooth")
+lora = pack("trainers.methods.lora")
+embedding = pack("trainers.methods.embedding")
 world = pack("bench.quality.world")
 toymodel = pack("bench.quality.toymodel")
 
@@ -139,11 +139,11 @@ def frozen(method_type):
             for module in (components.unet, components.vae, components.text_encoder):
                 module.requires_grad_(False)
             self.dummy = nn.Parameter(torch.zeros(()))
-            self.trains_text_encoder = True  # prompts encoded each step, so the dummy is in the graph
+            self.trains_conditioning = True  # prompts encoded each step, so the dummy is in the graph
             return [{"params": [self.dummy], "lr": config.lr}]
 
         def encode(self, components, input_ids):
-            return super().encode(components, input_ids) + 0 * self.dummy
+            return {k: v + 0 * self.dummy for k, v in super().encode(components, input_ids).items()}
 
     return Frozen
 

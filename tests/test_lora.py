@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from conftest import pack
 
 loop = pack("trainers.loop")
-lora = pack("trainers.lora")
+lora = pack("trainers.methods.lora")
 run = pack("trainers.run")
 data = pack("trainers.data")
 models = pack("trainers.models")
+clip_text = pack("trainers.families.clip")
 errors = pack("trainers.errors")
 
 PROMPT = "a photo of sks toy"
@@ -185,7 +186,7 @@ def test_file_loads_in_diffusers_and_reproduces_the_trained_outputs(trained, tin
         len(get_peft_model_state_dict(pipe.text_encoder, adapter_name="personalize"))
     assert loaded == 2 * len({k.split(".")[0] for k in load_file(artifact.path)})
 
-    ids = loop.tokenize(components.tokenizer, [PROMPT])
+    ids = clip_text.tokenize(components.tokenizer, [PROMPT])
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     timestep = torch.tensor([500])
@@ -248,13 +249,48 @@ def test_cli_trains_and_reports_json(tiny_model, tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
     args = ["train-lora", "--base", tiny_model["single_file"], "--images", str(folder), "--out", str(out),
             "--steps", "3", "--resolution", "64", "--rank", "2", "--device", "cpu", "--json"]
-    assert pack("trainers.cli").main(args) == 0
+    assert pack("cli").main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("output", "steps", "final_loss", "seconds_per_step", "peak_rss_mb"):
         assert key in result
-    assert result["output"] == str(out) and out.is_file() and result["steps"] == 3
-    assert pack("trainers.cli").main(args) == 2, "an existing --out is refused without --overwrite"
-    assert "already exists" in capsys.readouterr().err
+    assert result["output"] == str(out) and out.is_file() and result["steps"] == 3 and result["reused"] is False
+
+
+def test_cli_reuses_an_out_trained_from_the_same_inputs_and_refuses_one_from_others(tiny_model, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from conftest import make_subject_images
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(make_subject_images(3)):
+        Image.fromarray((image.numpy() * 255).astype("uint8")).save(folder / f"{i}.png")
+    out = tmp_path / "cli.safetensors"
+    args = ["train-lora", "--base", tiny_model["single_file"], "--images", str(folder), "--out", str(out),
+            "--steps", "3", "--resolution", "64", "--rank", "2", "--device", "cpu", "--json"]
+    cli = pack("cli")
+
+    def run(argv):
+        code = cli.main(argv)
+        captured = capsys.readouterr()
+        return code, json.loads(captured.out.strip().splitlines()[-1]) if code == 0 else captured.err
+
+    code, first = run(args)
+    assert code == 0 and first["reused"] is False
+    written, stamp = out.read_bytes(), out.stat().st_mtime_ns
+    code, again = run(args)
+    assert code == 0 and again["reused"] is True and again["seconds_per_step"] is None
+    assert abs(again["final_loss"] - first["final_loss"]) < 1e-4 and again["steps"] == 3  # 5 decimals kept
+    assert out.read_bytes() == written and out.stat().st_mtime_ns == stamp, "a reused file is not rewritten"
+    other = [*args]
+    other[other.index("--rank") + 1] = "4"
+    code, error = run(other)
+    assert code == 2 and "already exists" in error and "--overwrite" in error
+    assert out.read_bytes() == written
+    code, replaced = run(other + ["--overwrite"])
+    assert code == 0 and replaced["reused"] is False and out.read_bytes() != written
 
 
 def test_cancel_during_a_step_stops_inside_the_unet(components, subject_images, tmp_path):

@@ -16,7 +16,9 @@ from transformers import CLIPConfig, CLIPModel
 from conftest import pack
 
 metrics = pack("trainers.metrics")
-cli = pack("trainers.cli")
+random_dino = pack("trainers.testing.dino")
+devices = pack("trainers.device")
+cli = pack("cli")
 PersonalizeError = pack("trainers.errors").PersonalizeError
 
 
@@ -59,8 +61,8 @@ def original_dino_cls(state, pixels):
 def dino_dir(tmp_path_factory):
     """A models/dino-like folder: dino-vits16/ (Hub layout) and original/dino_deitsmall16_pretrain.pth, same weights."""
     root = tmp_path_factory.mktemp("dino")
-    metrics.make_random_dino(root / "dino-vits16", seed=0)
-    metrics.make_random_dino_original(root / "original" / metrics.DINO_PTH_NAME, seed=0)
+    random_dino.make_random_dino(root / "dino-vits16", seed=0)
+    random_dino.make_random_dino_original(root / "original" / metrics.DINO_PTH_NAME, seed=0)
     return root
 
 
@@ -224,7 +226,7 @@ def test_a_hub_folder_with_missing_weights_is_refused_not_left_random(dino_dir, 
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(dino_dir):
     with pytest.raises(PersonalizeError, match="no CUDA GPU"):
         metrics.load_dino(dino_dir / "dino-vits16", "cuda")
-    assert metrics.resolve_device("auto") == torch.device("cpu")
+    assert devices.resolve_device("auto") == torch.device("cpu")
 
 
 def test_models_are_cached_per_path_and_mtime(dino_dir, dino):

@@ -13,8 +13,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from conftest import pack
 
 models = pack("trainers.models")
-convert = pack("trainers.convert")
-tiny = pack("trainers.tiny")
+families = pack("trainers.families")
+checkpoints = pack("trainers.checkpoints")
+convert = pack("trainers.families.ldm")
+tiny = pack("trainers.testing.tiny")
 errors = pack("trainers.errors")
 
 
@@ -29,7 +31,7 @@ def test_make_tiny_model_writes_both_layouts(tiny_model):
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.",
                              "cond_stage_model.transformer.text_model.")) for k in single)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        assert models.Path(tiny_model["diffusers"], part).is_dir()
+        assert Path(tiny_model["diffusers"], part).is_dir()
 
 
 def test_single_file_and_diffusers_folder_load_to_identical_components(tiny_model):
@@ -61,9 +63,9 @@ def test_our_conversion_agrees_with_diffusers_own_converters(tiny_model):
 
 def test_the_full_sd15_architecture_has_the_key_set_comfyui_recognises():
     """686 UNet, 196 text-encoder and 248 VAE keys, as in a real SD1.5 checkpoint (built on the meta device)."""
-    unet_config = models.shipped_config("sd15_unet")
-    vae_config = models.shipped_config("sd15_vae")
-    text = models.shipped_config("sd15_text_encoder")
+    unet_config = families.shipped_config("sd15_unet")
+    vae_config = families.shipped_config("sd15_vae")
+    text = families.shipped_config("sd15_text_encoder")
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
         vae = AutoencoderKL.from_config(vae_config)
@@ -118,7 +120,7 @@ def test_bad_files_and_a_missing_tokenizer_give_clear_errors(tiny_model, tmp_pat
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(lonely.read_bytes()[: lonely.stat().st_size // 2])
     with pytest.raises(errors.PersonalizeError, match="truncated"):
-        models.read_checkpoint(truncated)
+        checkpoints.read_checkpoint(truncated)
     with pytest.raises(errors.PersonalizeError, match="does not exist"):
         models.load_base(tmp_path / "missing.safetensors")
     (tmp_path / "notes.txt").write_text("hi")
@@ -132,12 +134,12 @@ def test_the_streaming_reader_matches_safetensors(tmp_path):
                "empty": torch.tensor([]), "scalar": torch.tensor(2.5)}
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path), metadata={"a": "b"})
-    assert state_dicts_equal(models.read_safetensors(path), load_file(str(path)))
-    as_fp32 = models.read_safetensors(path, torch.float32)
+    assert state_dicts_equal(checkpoints.read_safetensors(path), load_file(str(path)))
+    as_fp32 = checkpoints.read_safetensors(path, torch.float32)
     assert as_fp32["f16"].dtype == torch.float32 and torch.equal(as_fp32["f16"], tensors["f16"].float())
     assert as_fp32["i64"].dtype == torch.int64
     assert as_fp32["conv"].is_contiguous(memory_format=torch.channels_last)
-    as_stored = models.read_safetensors(path, torch.float32, channels_last_prefix=None)
+    as_stored = checkpoints.read_safetensors(path, torch.float32, channels_last_prefix=None)
     assert state_dicts_equal({k: v for k, v in as_stored.items() if k != "f16"},
                              {k: v for k, v in load_file(str(path)).items() if k != "f16"})
     assert as_stored["conv"].is_contiguous()
@@ -149,12 +151,12 @@ def test_tensors_kept_as_stored_are_private_views_of_the_file(tmp_path):
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path))
     original = path.read_bytes()
-    loaded = models.read_safetensors(path, torch.float32, channels_last_prefix="c_")
+    loaded = checkpoints.read_safetensors(path, torch.float32, channels_last_prefix="c_")
     mapped = {k for k, v in loaded.items() if v.untyped_storage().nbytes() == len(original)}
     assert mapped == {"b_f32"}, "fp16 is converted, the conv is laid out channels_last"
     loaded["b_f32"].add_(1.0)
     assert path.read_bytes() == original
-    assert torch.equal(models.read_safetensors(path)["b_f32"], tensors["b_f32"])
+    assert torch.equal(checkpoints.read_safetensors(path)["b_f32"], tensors["b_f32"])
 
 
 def test_an_fp32_model_maps_what_it_does_not_convert(tiny_model):

@@ -57,7 +57,7 @@ def test_trainer_nodes_expose_every_option_of_their_config(node_classes):
                "TrainEmbedding": ("embedding", "EmbeddingConfig")}
     by_id = {cls.GET_SCHEMA().node_id: cls.GET_SCHEMA() for cls in node_classes}
     for node_id, (module, name) in configs.items():
-        config = getattr(pack(f"trainers.{module}"), name)
+        config = getattr(pack(f"trainers.methods.{module}"), name)
         inputs = {i.id for i in by_id[node_id].inputs}
         expected = {f.name for f, spec in options.options_of(config) if spec.node}
         assert expected <= inputs, f"{node_id} lacks {sorted(expected - inputs)}"
@@ -66,7 +66,7 @@ def test_trainer_nodes_expose_every_option_of_their_config(node_classes):
 def test_node_inputs_build_a_validated_config(node_classes):
     schema = pack("nodes.schema")
     errors = pack("trainers.errors")
-    LoRAConfig = pack("trainers.lora").LoRAConfig
+    LoRAConfig = pack("trainers.methods.lora").LoRAConfig
     config = schema.config_from_inputs(LoRAConfig, {"rank": 16, "steps": 10, "model": object()})
     assert config.rank == 16 and config.steps == 10 and config.lr == LoRAConfig().lr
     with pytest.raises(errors.PersonalizeError, match="rank must be at least 1"):

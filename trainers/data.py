@@ -8,7 +8,6 @@ with nothing usable is a PersonalizeError. The batch follows ComfyUI's IMAGE con
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .cli import Command
 from .errors import PersonalizeError
 from .options import option, validate
 
@@ -167,20 +165,3 @@ def images_to_training_pixels(images: torch.Tensor, resolution: int) -> torch.Te
             pixels = F.interpolate(pixels, size=(resolution, resolution), mode="bicubic", antialias=True,
                                    align_corners=False).clamp(0.0, 1.0)
         return (pixels * 2.0 - 1.0).contiguous()
-
-
-def _add_arguments(parser) -> None:
-    parser.add_argument("folder", metavar="DIR",
-                        help="folder of JPEG/PNG/WebP photos, each with an optional <name>.txt caption")
-
-
-def _run(args, config: LoadSubjectConfig) -> dict:
-    subject = load_subject_folder(args.folder, config.resolution, config.fit)
-    for warning in subject.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    return {"count": len(subject.files), "files": subject.files, "sizes": subject.sizes,
-            "captions": subject.captions, "warnings": subject.warnings}
-
-
-COMMAND = Command(name="load-subject", help="Load a folder of subject photos as the trainers will see them.",
-                  run=_run, add_arguments=_add_arguments, config=LoadSubjectConfig)

@@ -1,4 +1,4 @@
-"""``demo``: the pack's main job on a machine with nothing but the pack — train LoRA, Textual Inversion and
+"""The demo, the pack's main job on a machine with nothing but the pack — train LoRA, Textual Inversion and
 DreamBooth on the embedded tiny model and made-up subject photos, sample with each result, and write a report.
 
 The tiny model has random weights, so its samples are noise: the report shows that each trainer runs end to end,
@@ -8,7 +8,6 @@ writes a file that loads the way users load it, and lowers the denoising loss at
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -16,18 +15,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .cli import Command
 from .data import images_to_training_pixels
-from .dreambooth import DreamBoothConfig, DreamBoothMethod
-from .embedding import EmbeddingConfig, EmbeddingMethod, load_embedding
 from .loop import fixed_denoising_loss
-from .lora import LoRAConfig, LoRAMethod, apply_lora
+from .methods.dreambooth import DreamBoothConfig, DreamBoothMethod
+from .methods.embedding import EmbeddingConfig, EmbeddingMethod, load_embedding
+from .methods.lora import LoRAConfig, LoRAMethod, apply_lora
 from .models import load_base
 from .report import loss_curve_image
 from .run import personalize
 from .sampling import sample_images
-from .synthetic import other_photos, subject_photos
-from .tiny import make_tiny_model
+from .testing.synthetic import other_photos, subject_photos
+from .testing.tiny import make_tiny_model
 
 RESOLUTION = 64
 PROMPT = "a photo of sks toy"
@@ -141,14 +139,3 @@ def _report_markdown(results: dict) -> str:
               f"{', '.join(results)} (random weights: the pictures are noise).",
               "", "Loss curves: " + ", ".join(f"`{name}_loss.png`" for name in results), ""]
     return "\n".join(lines)
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_output", help="folder for the model, artifacts, samples and report")
-    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every method's steps (quick "
-                        "check: 0.1)")
-
-
-COMMAND = Command(name="demo", help="train every method on the embedded tiny model and made-up photos; write the "
-                  "artifacts, samples and a report", add_arguments=_add_arguments,
-                  run=lambda args, _config: run_demo(args.out, args.steps_scale))

@@ -1,72 +1,29 @@
-"""Writing artifacts safely: sanitised names inside their folder, no silent overwrite, temp file + rename."""
+"""What every artifact carries besides its weights (provenance, kohya's and the model spec's metadata), and writing
+it atomically."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .. import __version__
-from .errors import PersonalizeError
+from . import __version__
+from .files import atomic_path
 
 
-def sanitize_name(name: str) -> str:
-    """A file stem safe on every OS: letters, digits, '-', '_', '.' and spaces; no path parts."""
-    stem = re.sub(r"[^\w\-. ]+", "_", Path(str(name).strip()).name).strip(" .")
-    if not stem:
-        raise PersonalizeError(f"the output name {name!r} is empty once path characters are removed; "
-                               "give a plain name such as 'my_dog'")
-    return stem
-
-
-def output_path(folder: str | Path, name: str, suffix: str, overwrite: bool = False) -> Path:
-    """``folder/name.suffix``; with ``overwrite`` off, ``name_1.suffix``, ``name_2.suffix``, … if taken."""
-    folder = Path(folder)
-    stem = sanitize_name(name)
-    if stem.lower().endswith(suffix.lower()):
-        stem = stem[: -len(suffix)]
-    candidate = folder / f"{stem}{suffix}"
-    counter = 1
-    while not overwrite and candidate.exists():
-        candidate = folder / f"{stem}_{counter}{suffix}"
-        counter += 1
-    return candidate
-
-
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise PersonalizeError(f"{path} already exists; choose another --out or pass --overwrite")
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
-                            metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file so that readers only ever see a complete file (temp file in the same folder)."""
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically: readers only ever see a complete file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(contiguous, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; artifacts should read like any other file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def provenance_metadata(method: str, base_name: str, base_hash: str, config, result=None) -> dict[str, str]:
@@ -86,7 +43,6 @@ def provenance_metadata(method: str, base_name: str, base_hash: str, config, res
 
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MODELSPEC_SD1 = "stable-diffusion-v1"
 # What kohya's sai_model_spec writes: full checkpoints in the original layout name Stability AI's implementation,
 # SD1.x LoRAs "diffusers".
 IMPLEMENTATION_ORIGINAL = "https://github.com/Stability-AI/generative-models"
@@ -114,14 +70,6 @@ def iso_date() -> str:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     moment = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
     return moment.replace(microsecond=0).isoformat()
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:

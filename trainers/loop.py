@@ -1,5 +1,6 @@
 """The one training loop. LoRA, DreamBooth and Textual Inversion differ only in their ``Method``: what is trainable
-(with which learning rates), how prompts are encoded, and what is exported.
+(with which learning rates), how prompts are encoded, and what is exported; model families only in their
+``Family``: how prompts become conditioning and how the UNet takes it.
 
 Per step: pick images (seeded), sample latents from the cached VAE posterior, add noise at random timesteps, predict
 with the UNet, MSE against the target of the model's prediction type (ε or v), optionally min-SNR weighted; with prior
@@ -11,16 +12,11 @@ from inside ``torch.inference_mode()``, which is how ComfyUI runs nodes.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import gc
 import math
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,10 +25,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from PIL import Image
 
+from .components import Components
 from .config import TrainConfig
+from .device import free_memory, resolve_device
 from .errors import PersonalizeError, TrainingCancelled
-from .models import Components
-from .optim import StochasticAdamW
+from .methods.base import Method
 
 
 @dataclass
@@ -73,72 +70,12 @@ class TrainResult:
         return sum(tail) / len(tail) if tail else float("nan")
 
 
-class Method:
-    """What a personalization method changes. Subclasses set ``name`` and override the hooks they need."""
-
-    name = "method"
-    trains_text_encoder = False
-    # Whether the optimizer steps inside the backward pass (see fuse_optimizer_into_backward).
-    fused_backward = False
-    # Whether ``export`` writes the frozen parts too (DreamBooth's checkpoint holds the VAE and text encoder).
-    exports_frozen_parts = False
-
-    def prepare(self, components: Components, config: TrainConfig) -> list[dict]:
-        """Freeze what must stay fixed, add what is trained; return optimizer parameter groups."""
-        raise NotImplementedError
-
-    def encode(self, components: Components, input_ids: torch.Tensor) -> torch.Tensor:
-        return components.text_encoder(input_ids)[0]
-
-    def prompts(self, config: TrainConfig, captions: list[str]) -> list[list[str]]:
-        """For each instance image, the prompts a step may pick from (one, unless the method varies them)."""
-        return [[f"{config.prompt}, {c}" if c.strip() else config.prompt] for c in captions]
-
-    def preview_prompt(self, config: TrainConfig) -> str:
-        return config.prompt
-
-    def after_step(self, components: Components, step: int, config: TrainConfig) -> None:
-        """Called after each optimizer step (e.g. to stop text-encoder training, or to clamp a norm)."""
-
-    def export(self, components: Components, config: TrainConfig, result: "TrainResult",
-               path: Path) -> tuple[Path, dict[str, str]]:
-        """Write the artifact atomically to ``path``; return the path and its metadata."""
-        raise NotImplementedError
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise PersonalizeError("--device cuda was requested but torch sees no CUDA GPU; use --device cpu or auto")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or config.mixed_precision == "no":
         return None
     if config.mixed_precision == "fp16" or (config.mixed_precision == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
-
-
-def make_optimizer(groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
-        # Weights trained in bf16: torch's AdamW rounds each update to nearest, which loses most at DreamBooth's lr.
-        return StochasticAdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    if config.use_8bit_adam and device.type == "cuda":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-        except ImportError:
-            pass
-    # Fused AdamW (CUDA, and CPU since torch 2.4) updates each tensor in one pass with no temporaries: on CPU it
-    # is ~1.7x faster than foreach, which also needs a transient copy of all parameters (+3.4 GB for SD1.5's UNet).
-    try:
-        return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True)
-    except (RuntimeError, ValueError):  # an older torch, or a device without the fused kernel
-        return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, foreach=True)
 
 
 @torch.no_grad()
@@ -153,11 +90,6 @@ def encode_latent_posterior(vae, pixels: torch.Tensor, batch_size: int = 1) -> t
         means.append(dist.mean.float())
         stds.append(dist.std.float())
     return torch.cat(means), torch.cat(stds)
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
 
 
 def denoising_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -189,42 +121,23 @@ def fixed_denoising_loss(components: Components, pixels: torch.Tensor, prompt: s
     gives exactly the same number, and a trainer that learns the subject lowers it.
     """
     device = components.unet.device
+    family = components.family
     generator = torch.Generator("cpu").manual_seed(seed)
     scheduler = components.noise_scheduler
     mean, _ = encode_latent_posterior(components.vae, pixels)
     latents = (mean * components.vae.config.scaling_factor).to(device)
-    hidden = components.text_encoder(tokenize(components.tokenizer, [prompt]).to(device))[0]
-    hidden = hidden.expand(latents.shape[0], -1, -1)
+    conditioning = family.encode(components, family.tokenize(components, [prompt]).to(device))
+    conditioning = {k: v.expand(latents.shape[0], *v.shape[1:]) for k, v in conditioning.items()}
     total = 0.0
     for _ in range(draws):
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator).to(device)
-        prediction = components.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+        prediction = family.denoise(components.unet, scheduler.add_noise(latents, noise, timesteps), timesteps,
+                                    conditioning)
         target = denoising_target(scheduler, latents, noise, timesteps)
         total += F.mse_loss(prediction.float(), target.float()).item()
     return total / draws
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    trim = _malloc_trim()
-    if trim is not None:
-        # glibc keeps freed blocks below its mmap threshold (which grows to 32 MB: most weights) in the heap, so
-        # a dropped model would stay in the process's RSS, the host server's included, until trimmed.
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # another C library (musl) has none
-        return None
 
 
 def _cosine_or_constant(optimizer, config: TrainConfig):
@@ -242,7 +155,7 @@ def train(components: Components, method: Method, instance_pixels: torch.Tensor,
     that text encoder (SD1.5 in fp32: ~0.8 GB). They are dropped from ``components``, or, when the export writes
     them (DreamBooth), moved off the GPU; previews keep them where they are."""
     callbacks = callbacks or Callbacks()
-    device = device or pick_device()
+    device = device or resolve_device()
     with torch.inference_mode(False), torch.enable_grad():
         hooks = cancel_checks(components.unet, callbacks)
         try:
@@ -263,29 +176,19 @@ def train(components: Components, method: Method, instance_pixels: torch.Tensor,
             free_memory()
 
 
-def fuse_optimizer_into_backward(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                                 device: torch.device) -> list:
-    """Move the optimizer step into the backward pass (PyTorch's recipe, kohya's fused backward pass): each weight is
-    clipped to ``max_grad_norm`` on its own, updated as soon as its gradient is complete, and its gradient freed, so
-    a whole set of gradients never exists (for SD1.5's UNet in fp32: 3.4 GB). Each weight gets an optimizer of the
-    same kind; ``optimizer`` keeps the groups and the lr schedule, whose current rate each update reads, and its own
-    step then finds no gradient left. Returns the hook handles."""
-    handles = []
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            own = make_optimizer([{"params": [parameter], "lr": group["lr"]}], config, device)
-            own.fused_backward_part = True  # not a training step of its own (bench/_child.py counts steps)
+def move_to(components: Components, device: torch.device) -> None:
+    """UNet, VAE and text encoders to ``device``."""
+    components.unet.to(device), components.vae.to(device)
+    for _, encoder in components.family.text_encoders(components):
+        encoder.to(device)
 
-            def update(weight, own=own, group=group) -> None:
-                if config.max_grad_norm > 0:  # clip_grad_norm_ for one tensor, without its 3x overhead per call
-                    norm = torch.linalg.vector_norm(weight.grad)
-                    weight.grad.mul_(torch.clamp(config.max_grad_norm / (norm + 1e-6), max=1.0))
-                own.param_groups[0]["lr"] = group["lr"]
-                own.step()
-                weight.grad = None
 
-            handles.append(parameter.register_post_accumulate_grad_hook(update))
-    return handles
+def _text_encoders_train(components: Components, training: bool, checkpointing: bool) -> None:
+    for _, encoder in components.family.text_encoders(components):
+        if checkpointing:
+            # transformers 5 renamed it; older releases (ComfyUI installs vary) only have the old name.
+            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
+        encoder.train(training)
 
 
 def cast_frozen_weights(modules, dtype: torch.dtype) -> None:
@@ -326,11 +229,12 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
     use_prior = class_pixels is not None and config.prior_preservation
     generator = torch.Generator("cpu").manual_seed(config.seed)
     scheduler = components.noise_scheduler
-    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+    family, unet = components.family, components.unet
 
-    # Before prepare, so that a method can see where it trains (DreamBooth's bf16 needs CUDA). No loop variable:
-    # one left bound to a module would keep it alive after release_frozen drops it.
-    unet.to(device), vae.to(device), text_encoder.to(device)
+    # Before prepare, so that a method can see where it trains (DreamBooth's bf16 needs CUDA). No local names for
+    # the VAE and text encoders (loop variables included): one left bound would keep a module alive after
+    # release_frozen drops it.
+    move_to(components, device)
     torch.manual_seed(config.seed)  # adapters and new vectors are initialised from the global generator
     groups = method.prepare(components, config)
     trainable = [p for g in groups for p in g["params"]]
@@ -343,20 +247,18 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
         unet.to(memory_format=torch.contiguous_format)
     amp_dtype = autocast_dtype(config, device)
     if amp_dtype is not None:
-        cast_frozen_weights((unet, vae, text_encoder), amp_dtype)
+        cast_frozen_weights([unet, components.vae] + [e for _, e in family.text_encoders(components)], amp_dtype)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if method.trains_text_encoder:
-            # transformers 5 renamed it; older releases (ComfyUI installs vary) only have the old name.
-            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
     unet.train()
-    text_encoder.train(method.trains_text_encoder)
+    _text_encoders_train(components, method.trains_conditioning,
+                         config.gradient_checkpointing and method.trains_conditioning)
 
     # Cached once: the frozen VAE's posterior of every image (and of its mirror image when flips are on).
     def posterior(pixels: torch.Tensor):
-        mean, std = encode_latent_posterior(vae, pixels)
+        mean, std = encode_latent_posterior(components.vae, pixels)
         if config.flip:
-            flipped = encode_latent_posterior(vae, pixels.flip(-1))
+            flipped = encode_latent_posterior(components.vae, pixels.flip(-1))
             return torch.stack([mean, flipped[0]]), torch.stack([std, flipped[1]])
         return mean.unsqueeze(0), std.unsqueeze(0)
 
@@ -364,36 +266,25 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
     class_mean = class_std = None
     if use_prior:
         class_mean, class_std = posterior(class_pixels)
-    scaling = vae.config.scaling_factor
+    scaling = components.vae.config.scaling_factor
 
     prompt_options = method.prompts(config, captions)
     all_prompts = sorted({p for options in prompt_options for p in options} | ({config.class_prompt} if use_prior
                                                                               else set()))
     prompt_index = {p: i for i, p in enumerate(all_prompts)}
-    all_ids = tokenize(components.tokenizer, all_prompts)
-    cached_embeddings = None
-    if not method.trains_text_encoder:
+    all_ids = family.tokenize(components, all_prompts)
+    cached_conditioning = None
+    if not method.trains_conditioning:
         with torch.no_grad():
-            cached_embeddings = method.encode(components, all_ids.to(device)).detach()
+            cached_conditioning = {k: v.detach() for k, v in method.encode(components, all_ids.to(device)).items()}
     if release_frozen and not (callbacks.on_preview and config.preview_every):
-        if method.exports_frozen_parts:  # the export still reads them, but not from the training device
-            vae.to("cpu")
-            if cached_embeddings is not None:
-                text_encoder.to("cpu")
-        else:
-            components.vae = vae = None
-            if cached_embeddings is not None:
-                components.text_encoder = text_encoder = None
+        method.release_frozen(components, text_encoders=cached_conditioning is not None)
         free_memory()
 
-    optimizer = make_optimizer(groups, config, device)
+    optimizer = method.make_optimizer(groups, config, device)
     lr_schedule = _cosine_or_constant(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    if method.fused_backward and scaler is None:  # fp16's loss scaling needs every gradient before any update
-        if config.gradient_accumulation > 1:
-            raise PersonalizeError("fused_backward updates each weight during the backward pass, so it cannot "
-                                   "accumulate gradients: set gradient_accumulation to 1 or turn fused_backward off")
-        hooks += fuse_optimizer_into_backward(optimizer, config, device)
+    hooks += method.attach_optimizer(optimizer, config, device, loss_scaled=scaler is not None)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
 
     n_images = instance_mean.shape[1]
@@ -426,11 +317,11 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
             noisy = scheduler.add_noise(latents, noise, timesteps)
             target = denoising_target(scheduler, latents, noise, timesteps)
             with autocast():
-                if cached_embeddings is not None:
-                    hidden = cached_embeddings[prompt_ids]
+                if cached_conditioning is not None:
+                    conditioning = {k: v[prompt_ids] for k, v in cached_conditioning.items()}
                 else:
-                    hidden = method.encode(components, all_ids[prompt_ids].to(device))
-                prediction = unet(noisy, timesteps, hidden).sample
+                    conditioning = method.encode(components, all_ids[prompt_ids].to(device))
+                prediction = family.denoise(unet, noisy, timesteps, conditioning)
             per_sample = per_sample_loss(prediction, target, scheduler, timesteps, config.min_snr_gamma)
             instance_term = per_sample[: config.batch_size].mean()
             loss = instance_term
@@ -471,8 +362,7 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
         if callbacks.on_preview and config.preview_every and step % config.preview_every == 0:
             callbacks.on_preview(step, preview(components, method.preview_prompt(config), config, amp_dtype))
     unet.eval()
-    if text_encoder is not None:
-        text_encoder.eval()
+    _text_encoders_train(components, False, False)
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     measured = step_times[1:] or step_times

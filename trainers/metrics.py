@@ -16,7 +16,6 @@ files give the same score. Models load offline from files the user downloaded, o
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -25,11 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
-from .cli import Command
 from .data import IMAGE_SUFFIXES
+from .device import resolve_device
 from .errors import PersonalizeError
 
 Images = Union[torch.Tensor, Sequence[Image.Image]]
@@ -145,15 +143,6 @@ def _result(metric: str, pair_values: torch.Tensor, per_image: torch.Tensor) -> 
 
 
 # ---------------------------------------------------------------------------------------------------- embedders
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PersonalizeError("device 'cuda' was asked for, but this PyTorch sees no CUDA GPU; use 'auto' or 'cpu'.")
-    return device
-
 
 class ImageEmbedder:
     """A model and its preprocessing, turning images into unit-length embeddings."""
@@ -409,6 +398,11 @@ def _rename(state: dict[str, torch.Tensor], mapping: dict[str, str], source: Pat
     return {mapping[key]: value for key, value in state.items()}
 
 
+def dino_hub_state(state: dict[str, torch.Tensor], source: Path | str) -> dict[str, torch.Tensor]:
+    """An original DINO state dict with facebook/dino-vits16's (the Hub's) key names."""
+    return _rename(_split_qkv(state), _key_map(_HUB_BLOCK), source)
+
+
 def _vit_from_original(path: Path) -> ViTModel:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -420,70 +414,3 @@ def _vit_from_original(path: Path) -> ViTModel:
     vit = ViTModel(dino_vits16_config(), add_pooling_layer=False)
     vit.load_state_dict(_rename(_split_qkv(state), _key_map(_installed_block(vit)), path))
     return vit
-
-
-# ---------------------------------------------------------------------------------------------------- test models
-
-def random_dino_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random ViT-S/16 weights in the original DINO layout. Norms and biases are random too (not 1 and 0), so a
-    swapped or mis-split key changes the embeddings."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = {f"blocks.{i}.{name}": shape for i in range(12) for name, shape in {
-        "norm1.weight": (384,), "norm1.bias": (384,), "attn.qkv.weight": (1152, 384), "attn.qkv.bias": (1152,),
-        "attn.proj.weight": (384, 384), "attn.proj.bias": (384,), "norm2.weight": (384,), "norm2.bias": (384,),
-        "mlp.fc1.weight": (1536, 384), "mlp.fc1.bias": (1536,), "mlp.fc2.weight": (384, 1536),
-        "mlp.fc2.bias": (384,)}.items()}
-    shapes.update({"cls_token": (1, 1, 384), "pos_embed": (1, 197, 384), "patch_embed.proj.weight": (384, 3, 16, 16),
-                   "patch_embed.proj.bias": (384,), "norm.weight": (384,), "norm.bias": (384,)})
-    state = {}
-    for key, shape in shapes.items():
-        noise = torch.randn(shape, generator=generator)
-        state[key] = 1.0 + 0.1 * noise if "norm" in key and key.endswith("weight") else 0.02 * noise
-    return state
-
-
-def make_random_dino(folder: str | Path, seed: int = 0) -> Path:
-    """Write random ViT-S/16 weights as facebook/dino-vits16 lays them out (config.json + model.safetensors with
-    the Hub's key names)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    dino_vits16_config().to_json_file(folder / "config.json")
-    state = _rename(_split_qkv(random_dino_state(seed)), _key_map(_HUB_BLOCK), "random weights")
-    save_file(state, folder / "model.safetensors")
-    return folder
-
-
-def make_random_dino_original(path: str | Path, seed: int = 0) -> Path:
-    """Write the weights :func:`make_random_dino` writes for ``seed`` as the original ``.pth`` checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(random_dino_state(seed), path)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-def _add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, type=Path,
-                        help=f"{DINO_PTH_NAME}, a {DINO_HF_REPO} folder, or a folder holding either")
-    parser.add_argument("--generated", required=True, type=Path, help="folder of generated images")
-    parser.add_argument("--reference", required=True, type=Path, help="folder of real subject photos")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-
-
-def _run(args, config) -> dict:
-    model_path = args.model if args.model.is_file() else find_dino_model([args.model])
-    dino = load_dino(model_path, args.device)
-    generated_names, generated = read_image_folder(args.generated)
-    _, reference = read_image_folder(args.reference)
-    result = dino_score(dino, generated, reference, args.batch_size)
-    print(result.report(generated_names), file=sys.stderr if args.json else sys.stdout)
-    return {"dino": round(result.score, 6), "pairs": result.pairs, "min": round(result.min, 6),
-            "max": round(result.max, 6), "per_image": dict(zip(generated_names, (round(v, 6) for v in result.per_image))),
-            "model": str(model_path), "device": str(dino.device)}
-
-
-COMMAND = Command(name="dino-score", run=_run, add_arguments=_add_arguments,
-                  help="DreamBooth's DINO score: mean DINO ViT-S/16 cosine similarity between generated and real "
-                       "subject images.")

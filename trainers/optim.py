@@ -1,4 +1,6 @@
-"""AdamW for weights stored in bf16 (DreamBooth's ``weights_dtype=bf16``).
+"""Optimizers: the AdamW every method uses by default, the fused backward pass, and AdamW for bf16 weights.
+
+``StochasticAdamW`` is for weights stored in bf16 (DreamBooth's ``weights_dtype=bf16``).
 
 bf16 keeps 8 significant bits: a weight of 0.02 moves only in steps of 2^-13 ≈ 1.2e-4. Adam's update is about the
 learning rate, and DreamBooth's 5e-6 is 1/24 of that step, so round-to-nearest (what ``torch.optim.AdamW`` does when
@@ -11,7 +13,52 @@ same way, so the optimizer needs 4 bytes per parameter.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+
+def make_adamw(groups: list[dict], config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with the training examples' settings: 8-bit (bitsandbytes) on CUDA when asked for and installed, else
+    torch's fused AdamW."""
+    if config.use_8bit_adam and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        except ImportError:
+            pass
+    # Fused AdamW (CUDA, and CPU since torch 2.4) updates each tensor in one pass with no temporaries: on CPU it
+    # is ~1.7x faster than foreach, which also needs a transient copy of all parameters (+3.4 GB for SD1.5's UNet).
+    try:
+        return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=True)
+    except (RuntimeError, ValueError):  # an older torch, or a device without the fused kernel
+        return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, foreach=True)
+
+
+def fuse_optimizer_into_backward(optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                                 make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]) -> list:
+    """Move the optimizer step into the backward pass (PyTorch's recipe, kohya's fused backward pass): each weight is
+    clipped to ``max_grad_norm`` on its own, updated as soon as its gradient is complete, and its gradient freed, so
+    a whole set of gradients never exists (for SD1.5's UNet in fp32: 3.4 GB). Each weight gets an optimizer of the
+    same kind (``make_optimizer``); ``optimizer`` keeps the groups and the lr schedule, whose current rate each
+    update reads, and its own step then finds no gradient left. Returns the hook handles."""
+    handles = []
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            own = make_optimizer([{"params": [parameter], "lr": group["lr"]}])
+            own.fused_backward_part = True  # not a training step of its own (bench/_child.py counts steps)
+
+            def update(weight, own=own, group=group) -> None:
+                if max_grad_norm > 0:  # clip_grad_norm_ for one tensor, without its 3x overhead per call
+                    norm = torch.linalg.vector_norm(weight.grad)
+                    weight.grad.mul_(torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0))
+                own.param_groups[0]["lr"] = group["lr"]
+                own.step()
+                weight.grad = None
+
+            handles.append(parameter.register_post_accumulate_grad_hook(update))
+    return handles
 
 
 def round_stochastic_(target: torch.Tensor, value: torch.Tensor) -> None:

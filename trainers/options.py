@@ -49,11 +49,3 @@ def validate(config) -> None:
                 raise PersonalizeError(f"{f.name} must be at least {spec.min:g}; got {value:g}.")
             if spec.max is not None and value > spec.max:
                 raise PersonalizeError(f"{f.name} must be at most {spec.max:g}; got {value:g}.")
-
-
-def replace_from(config, values: dict[str, Any]):
-    """A copy of ``config`` with the fields named in ``values`` replaced (unknown names ignored), validated."""
-    names = {f.name for f in dataclasses.fields(config)}
-    updated = dataclasses.replace(config, **{k: v for k, v in values.items() if k in names})
-    validate(updated)
-    return updated

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image
 
+from .components import Components
 from .config import TrainConfig
-from .models import Components
+from .files import atomic_path
 from .sampling import pil_to_pixels, sample_images
 
 
@@ -30,14 +29,8 @@ def cache_key(components: Components, config: TrainConfig) -> str:
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def class_images(components: Components, config: TrainConfig, cache_root: str | Path,

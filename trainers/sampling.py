@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from .components import Components
 from .errors import TrainingCancelled
-from .models import Components
 
 
 def sample_images(components: Components, prompts: Sequence[str], seeds: Sequence[int], *, resolution: int,

@@ -36,9 +36,9 @@ run = trainer("run")
 sampling = trainer("sampling")
 metrics = trainer("metrics")
 data = trainer("data")
-dreambooth = trainer("dreambooth")
-lora = trainer("lora")
-embedding = trainer("embedding")
+dreambooth = trainer("methods.dreambooth")
+lora = trainer("methods.lora")
+embedding = trainer("methods.embedding")
 
 INSTANCE_PROMPT = "a photo of sks toy"
 TOKEN = "<sks-toy>"

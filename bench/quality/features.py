@@ -25,6 +25,7 @@ from . import world
 from .pack import trainer
 
 metrics = trainer("metrics")
+random_dino = trainer("testing.dino")
 
 TOY_PREPROCESS = metrics.Preprocess(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 HEADS = {"shape": world.SHAPES, "colour": tuple(world.COLOURS), "accent": world.ACCENTS,
@@ -178,4 +179,4 @@ def similarity_spread(embedder, images: torch.Tensor, labels: list) -> dict[str,
 
 def random_vit(folder: str | Path, seed: int = 0):
     """The ViT-S/16 architecture of the DINO metric with fixed random weights, through the pack's own loader."""
-    return metrics.load_dino(metrics.make_random_dino(folder, seed), "cpu")
+    return metrics.load_dino(random_dino.make_random_dino(folder, seed), "cpu")

@@ -38,9 +38,14 @@ from .pack import trainer
 
 loop = trainer("loop")
 models = trainer("models")
+base = trainer("methods.base")
+clip = trainer("families.clip")
+components_module = trainer("components")
+families = trainer("families")
+sd15 = trainer("families.sd15")
 config_module = trainer("config")
 data = trainer("data")
-tokenizer_module = trainer("tokenizer")
+tokenizer_module = trainer("testing.tokenizer")
 
 
 RECIPE = "3"  # the pretraining recipe's version: part of the cache key
@@ -97,23 +102,23 @@ def build_components(spec: ToySpec, tokenizer_dir: str | Path):
     vocab_size = tokenizer_module.write_tokenizer(tokenizer_dir, model_max_length=spec.text_positions)
     levels = len(spec.unet_channels)
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in spec.unet_attention]
-    unet_config = models.shipped_config("sd15_unet") | dict(
+    unet_config = families.shipped_config("sd15_unet") | dict(
         block_out_channels=list(spec.unet_channels), layers_per_block=spec.unet_layers, down_block_types=down,
         in_channels=spec.latent_channels, out_channels=spec.latent_channels,
         up_block_types=[t.replace("Down", "Up") for t in reversed(down)], cross_attention_dim=spec.text_hidden,
         sample_size=spec.resolution // 2 ** (len(spec.vae_channels) - 1))
     assert len(down) == levels
-    vae_config = models.shipped_config("sd15_vae") | dict(
+    vae_config = families.shipped_config("sd15_vae") | dict(
         block_out_channels=list(spec.vae_channels), layers_per_block=spec.vae_layers,
         latent_channels=spec.latent_channels, norm_num_groups=spec.vae_norm_groups,
         down_block_types=["DownEncoderBlock2D"] * len(spec.vae_channels),
         up_block_types=["UpDecoderBlock2D"] * len(spec.vae_channels), sample_size=spec.resolution)
-    text_values = models.shipped_config("sd15_text_encoder") | dict(
+    text_values = families.shipped_config("sd15_text_encoder") | dict(
         vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=4 * spec.text_hidden,
         num_hidden_layers=spec.text_layers, max_position_embeddings=spec.text_positions,
         projection_dim=spec.text_hidden)
     text_config = CLIPTextConfig(**{k: v for k, v in text_values.items() if k not in ("architectures", "model_type")})
-    scheduler_config = models.shipped_config("sd15_scheduler") | {"prediction_type": "v_prediction"}
+    scheduler_config = families.shipped_config("sd15_scheduler") | {"prediction_type": "v_prediction"}
     with torch.inference_mode(False):
         torch.manual_seed(spec.seed)
         unet = UNet2DConditionModel.from_config(unet_config)
@@ -132,10 +137,11 @@ def build_components(spec: ToySpec, tokenizer_dir: str | Path):
         # distinct from the start, as the token vectors of a trained CLIP are.
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight.normal_(0.0, spec.text_hidden ** -0.5)
-    return models.Components(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                             tokenizer=models.tokenizer_for(text_encoder, tokenizer_dir),
-                             noise_scheduler=DDPMScheduler.from_config(scheduler_config), name=spec.name,
-                             tokenizer_dir=str(tokenizer_dir))
+    return components_module.Components(family=sd15.FAMILY, unet=unet.eval(), vae=vae.eval(),
+                                        text_encoder=text_encoder.eval(),
+                                        tokenizer=clip.tokenizer_for(text_encoder, tokenizer_dir),
+                                        noise_scheduler=DDPMScheduler.from_config(scheduler_config), name=spec.name,
+                                        tokenizer_dir=str(tokenizer_dir))
 
 
 # ---------------------------------------------------------------------------------------------------- VAE
@@ -206,12 +212,12 @@ def reconstruction_psnr(vae: AutoencoderKL, pixels: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------------- pretraining
 
-class PretrainMethod(loop.Method):
+class PretrainMethod(base.Method):
     """Train the whole UNet and text encoder (the pack's loop with every denoising weight trainable). Each image
     has several captions to draw from, one of them empty (caption dropout, for classifier-free guidance)."""
 
     name = "pretrain"
-    trains_text_encoder = True
+    trains_conditioning = True
 
     def __init__(self, caption_options: list[list[str]], ema: float = 0.0):
         self.caption_options = caption_options
@@ -293,7 +299,7 @@ def pretrain_biased(components, spec: ToySpec, images: torch.Tensor, photos: lis
     options = caption_options(photos, spec.seed, keep=spec.caption_keep)
     prompts = sorted({p for o in options for p in o})
     index = {p: i for i, p in enumerate(prompts)}
-    ids = loop.tokenize(components.tokenizer, prompts)
+    ids = clip.tokenize(components.tokenizer, prompts)
     method = PretrainMethod(options, ema=spec.ema)
     config = config_module.TrainConfig(steps=spec.steps, lr=spec.lr)
     with torch.inference_mode(False), torch.enable_grad():

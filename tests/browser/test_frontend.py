@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cdp import Browser, ConsoleEntry, die_with_parent, find_chromium  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-PACK_FOLDER = "ComfyUI-Personalize"
+PACK_FOLDER = "comfyui-personalize"
 EXTENSION_NAME = "personalize.training"
 TRAINERS = ("TrainLoRA", "TrainDreamBooth", "TrainEmbedding")
 CHART_WIDGET = "personalize_loss_chart"

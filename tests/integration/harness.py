@@ -30,7 +30,7 @@ from pathlib import Path
 from wsclient import TEXT, WebSocket
 
 REPO = Path(__file__).resolve().parents[2]
-PACK_FOLDER = "ComfyUI-Personalize"
+PACK_FOLDER = "comfyui-personalize"
 PACK_PYTHON_MODULE = f"custom_nodes.{PACK_FOLDER}"
 CHECKPOINT = "personalize_full.safetensors"
 SETUP_HINT = "set COMFYUI_DIR to a ComfyUI checkout whose Python has the pack's requirements installed"
@@ -112,16 +112,16 @@ spec = importlib.util.spec_from_file_location("personalize_it_pack", sys.argv[1]
 pack = importlib.util.module_from_spec(spec)
 sys.modules["personalize_it_pack"] = pack
 spec.loader.exec_module(pack)
-from personalize_it_pack.trainers import cli
+from personalize_it_pack import cli
 sys.exit(cli.main(["make-tiny-model", "--out", sys.argv[2], "--size", "full", "--seed", "0"]))
 """
 
 
 def full_checkpoint() -> tuple[Path, float]:
     """The full-size random SD1.5 checkpoint from the pack's ``make-tiny-model --size full``, cached across sessions
-    under ``$PERSONALIZE_TEST_CACHE`` keyed by the content of trainers/tiny.py. Returns (path, seconds spent making
-    it; 0 when cached)."""
-    key = hashlib.sha256((REPO / "trainers" / "tiny.py").read_bytes()).hexdigest()[:16]
+    under ``$PERSONALIZE_TEST_CACHE`` keyed by the content of trainers/testing/tiny.py. Returns (path, seconds spent
+    making it; 0 when cached)."""
+    key = hashlib.sha256((REPO / "trainers" / "testing" / "tiny.py").read_bytes()).hexdigest()[:16]
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"sd15-full-seed0-{key}.safetensors"

@@ -125,7 +125,7 @@ def test_embedding_graph(client, server, base_dir, unique):
 def test_dino_score_graph(client, server, base_dir):
     info = require_node(client, "DINOScore")
     # Random ViT-S/16 weights in the Hugging Face layout as models/dino/dino-vits16 (what the DINO search finds).
-    random_dino = unit_conftest().pack("trainers.metrics").make_random_dino(base_dir.dino / "dino-vits16", seed=0)
+    random_dino = unit_conftest().pack("trainers.testing.dino").make_random_dino(base_dir.dino / "dino-vits16", seed=0)
     info = client.object_info(refresh=True)  # model lists in combos are read when /object_info is built
     values = {}
     for input_name, entry in {**info["DINOScore"]["input"].get("required", {}),

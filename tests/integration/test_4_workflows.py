@@ -111,7 +111,7 @@ def dino_model(base_dir):
     """Random ViT-S/16 weights as models/dino/dino-vits16 (what DINOScore's "auto" finds); test_3 may have made it."""
     folder = base_dir.dino / "dino-vits16"
     if not (folder / "config.json").is_file():
-        unit_conftest().pack("trainers.metrics").make_random_dino(folder, seed=0)
+        unit_conftest().pack("trainers.testing.dino").make_random_dino(folder, seed=0)
     return folder
 
 

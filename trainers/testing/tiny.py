@@ -1,4 +1,4 @@
-"""``make-tiny-model``: deterministic random-weight SD1.x models, the fixture of every test and the demo's default.
+"""Deterministic random-weight SD1.x models, the fixture of every test and the demo's default.
 
 ``tiny`` keeps SD1.x's component structure (UNet with cross-attention and a block without it, 8× VAE, CLIP text
 encoder, DDPM schedule) at sizes where a training step takes milliseconds. ``full`` has SD1.5's real sizes
@@ -8,17 +8,19 @@ single file with a tokenizer folder beside it.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .cli import Command
-from .errors import PersonalizeError
-from .models import Components, save_diffusers, save_single_file, shipped_config
-from .tokenizer import load_tokenizer, write_tokenizer
+from ..components import Components
+from ..errors import PersonalizeError
+from ..families import shipped_config
+from ..families.clip import load_tokenizer
+from ..families.sd15 import FAMILY as SD15
+from ..models import save_diffusers, save_single_file
+from .tokenizer import write_tokenizer
 
 # Sizes chosen so the shipped SD1.5 configs' group-norm and head counts still divide them: the single file then
 # loads through the same inference of sizes as a real checkpoint.
@@ -51,9 +53,10 @@ def random_components(size: str = "tiny", seed: int = 0, prediction_type: str = 
         vae = AutoencoderKL.from_config(vae_config)
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(text_config)
-    return Components(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                      tokenizer=load_tokenizer(tokenizer_dir), noise_scheduler=DDPMScheduler.from_config(scheduler_config),
-                      name=f"{size}-sd15", tokenizer_dir=str(tokenizer_dir))
+    return Components(family=SD15, unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                      tokenizer=load_tokenizer(tokenizer_dir),
+                      noise_scheduler=DDPMScheduler.from_config(scheduler_config), name=f"{size}-sd15",
+                      tokenizer_dir=str(tokenizer_dir))
 
 
 def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, prediction_type: str = "epsilon") -> dict:
@@ -65,7 +68,7 @@ def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, predicti
     if dtype is not None:
         components.unet.to(dtype), components.vae.to(dtype), components.text_encoder.to(dtype)
     single_file = save_single_file(components, out / "model.safetensors", dtype=dtype,
-                                   metadata={"modelspec.architecture": "stable-diffusion-v1",
+                                   metadata={"modelspec.architecture": SD15.modelspec_architecture,
                                              "modelspec.title": f"personalize random {size} SD1.x (seed {seed})",
                                              "modelspec.prediction_type": prediction_type})
     diffusers_dir = save_diffusers(components, out / "diffusers")
@@ -74,21 +77,3 @@ def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, predicti
     return {"diffusers": str(diffusers_dir), "single_file": str(single_file), "tokenizer": str(out / "tokenizer"),
             "size": size, "parameters": parameters,
             "single_file_mb": round(single_file.stat().st_size / 2**20, 2)}
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder to write diffusers/, model.safetensors and tokenizer/")
-    parser.add_argument("--arch", default="sd15", choices=["sd15"], help="architecture (SDXL comes later)")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "full"],
-                        help="tiny for tests and the demo; full for SD1.5's real sizes (~2 GB in fp16)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
-    parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
-                        help="what the model predicts; v_prediction also writes the 'v_pred' marker key")
-
-
-COMMAND = Command(
-    name="make-tiny-model",
-    help="write a deterministic random-weight SD1.x model (diffusers folder + single-file checkpoint)",
-    add_arguments=_add_arguments,
-    run=lambda args, _config: make_tiny_model(args.out, args.size, args.seed, args.prediction_type),
-)

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-from .cli import Command
-from .config import TrainConfig
-from .export import IMPLEMENTATION_DIFFUSERS, MODELSPEC_SD1, SAVE_DTYPES, addnet_hashes, atomic_save_safetensors, \
-    iso_date, modelspec_metadata, provenance_metadata
-from .loop import Method, TrainResult
-from .models import Components
-from .options import option
-from .run import add_training_arguments, run_training_command
+from ..components import Components
+from ..config import TrainConfig
+from ..export import IMPLEMENTATION_DIFFUSERS, SAVE_DTYPES, addnet_hashes, iso_date, modelspec_metadata, \
+    provenance_metadata, save_safetensors
+from ..families.clip import kohya_module_path
+from ..loop import TrainResult
+from ..options import option
+from .base import Method
 
 UNET_TARGETS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -49,18 +49,21 @@ class LoRAMethod(Method):
     name = "lora"
 
     def __init__(self, config: LoRAConfig):
-        self.trains_text_encoder = config.train_text_encoder
+        self.trains_conditioning = config.train_text_encoder
 
     def prepare(self, components: Components, config: LoRAConfig) -> list[dict]:
-        for module in (components.unet, components.vae, components.text_encoder):
+        encoders = [encoder for _, encoder in components.family.text_encoders(components)]
+        for module in (components.unet, components.vae, *encoders):
             module.requires_grad_(False)
         inject_adapter_in_model(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
                                            target_modules=UNET_TARGETS[config.unet_targets]), components.unet)
         groups = [{"params": _adapter_parameters(components.unet), "lr": config.lr}]
         if config.train_text_encoder:
-            inject_adapter_in_model(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                               target_modules=TEXT_ENCODER_TARGETS), components.text_encoder)
-            groups.append({"params": _adapter_parameters(components.text_encoder), "lr": config.text_encoder_lr})
+            for encoder in encoders:
+                inject_adapter_in_model(LoraConfig(r=config.rank, lora_alpha=config.alpha,
+                                                   init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS),
+                                        encoder)
+                groups.append({"params": _adapter_parameters(encoder), "lr": config.text_encoder_lr})
         for group in groups:
             for parameter in group["params"]:
                 parameter.requires_grad_(True)
@@ -73,25 +76,23 @@ class LoRAMethod(Method):
                                    text_encoder=config.train_text_encoder)
         metadata = lora_metadata(components, config, result, path)
         metadata.update(addnet_hashes(tensors, metadata))
-        return atomic_save_safetensors(tensors, path, metadata), metadata
-
-
-def kohya_module_name(prefix: str, module_path: str) -> str:
-    """``lora_unet_down_blocks_0_…_to_q`` / ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``."""
-    if prefix == "lora_te":
-        # transformers ≥ 5.6 dropped "text_model." from CLIPTextModel's names; the kohya layout keeps it.
-        module_path = "text_model." + module_path.removeprefix("text_model.")
-    return f"{prefix}_{module_path.replace('.', '_')}"
+        return save_safetensors(tensors, path, metadata), metadata
 
 
 def kohya_state_dict(components: Components, alpha: float, dtype: torch.dtype,
                      text_encoder: bool) -> dict[str, torch.Tensor]:
-    modules = [("lora_unet", components.unet)] + ([("lora_te", components.text_encoder)] if text_encoder else [])
+    """``lora_unet_down_blocks_0_…_to_q.lora_down.weight`` / ``lora_te_text_model_encoder_layers_0_…``: the family's
+    kohya prefixes, module paths with '.' → '_'."""
+    family = components.family
+    modules = [(family.lora_unet_prefix, components.unet, lambda path: path)]
+    if text_encoder:
+        modules += [(slot.lora_prefix, encoder, kohya_module_path)
+                    for slot, encoder in family.text_encoders(components)]
     out: dict[str, torch.Tensor] = {}
-    for prefix, module in modules:
+    for prefix, module, kohya_path in modules:
         for key, value in get_peft_model_state_dict(module).items():
             module_path, part = key.rsplit(".lora_", 1)
-            name = kohya_module_name(prefix, module_path)
+            name = f"{prefix}_{kohya_path(module_path).replace('.', '_')}"
             out[f"{name}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value.to(dtype)
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     return out
@@ -123,13 +124,13 @@ def lora_metadata(components: Components, config: LoRAConfig, result: TrainResul
         "ss_seed": str(config.seed),
         "ss_sd_model_name": components.name,
         "ss_new_sd_model_hash": components.fingerprint,
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": components.family.kohya_base_version,
+        "ss_v2": str(components.family.kohya_v2),
         "ss_output_name": title,
         "ss_training_comment": f"trigger: {config.prompt}",
         "ss_training_finished_at": iso_date(),
-        **modelspec_metadata(f"{MODELSPEC_SD1}/lora", IMPLEMENTATION_DIFFUSERS, title, config.resolution,
-                             config.prompt, components.prediction_type),
+        **modelspec_metadata(f"{components.family.modelspec_architecture}/lora", IMPLEMENTATION_DIFFUSERS, title,
+                             config.resolution, config.prompt, components.prediction_type),
     }
 
 
@@ -138,12 +139,3 @@ def apply_lora(pipeline, path: str | Path, scale: float = 1.0, adapter_name: str
     pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
     pipeline.set_adapters([adapter_name], adapter_weights=[scale])
     return pipeline
-
-
-COMMAND = Command(
-    name="train-lora",
-    help="train a LoRA on a subject and save it in kohya layout (loads in ComfyUI, A1111/Forge and diffusers)",
-    add_arguments=add_training_arguments,
-    config=LoRAConfig,
-    run=lambda args, config: run_training_command(args, config, LoRAMethod(config)),
-)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import CLIPTokenizer
-
 PROMPT_WORDS = """
 a an the of in on at with and by for to from photo photograph picture rendering render painting drawing sketch
 cropped close-up closeup bright dark dim clean dirty good bad nice cool weird small large big tiny pretty
@@ -74,12 +72,3 @@ def write_tokenizer(folder: str | Path, model_max_length: int = 77, vocab_size: 
               "unk_token": "<|endoftext|>", "do_lower_case": True}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return len(vocab)
-
-
-
-def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """A CLIP tokenizer from a folder with vocab.json + merges.txt (ours, ComfyUI's sd1_tokenizer, or SD's own).
-
-    Returns a fresh copy each time, since Textual Inversion adds tokens to it.
-    """
-    return CLIPTokenizer.from_pretrained(str(folder))

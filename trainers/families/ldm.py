@@ -1,4 +1,5 @@
-"""Key-name conversions between the original (LDM / A1111 / ComfyUI) single-file layout and diffusers.
+"""The original (LDM / A1111 / ComfyUI) single-file layout of UNets and VAEs, shared by the Stable Diffusion
+families: key-name conversion to and from diffusers, and the sizes a state dict reveals.
 
 One table of ``(original prefix, diffusers prefix)`` pairs per component, built from the component's config, serves
 both directions, so a round trip is exact by construction: keys are renamed and the VAE's mid-block attention
@@ -7,16 +8,10 @@ weights are reshaped (1×1 convs in the original layout, linear layers in diffus
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-
-from .errors import PersonalizeError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
-_OLD_TEXT_PREFIX = "cond_stage_model.transformer."  # early SD1 files lack "text_model."
 
 _UNET_RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
                 ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
@@ -127,26 +122,57 @@ def vae_key_map(config) -> KeyMap:
     return KeyMap(pairs, reshape_prefixes=tuple(attention))
 
 
-def text_encoder_key_map(model_keys) -> Callable[[str], str]:
-    """CLIPTextModel keys carry ``text_model.`` in transformers < 5.6 and not after; the original layout always."""
-    nested = any(k.startswith("text_model.") for k in model_keys)
-    return (lambda key: "text_model." + key) if nested else (lambda key: key)
+def count_indices(keys, prefix: str) -> int:
+    indices = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
 
 
-def split_original(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Split an SD1.x single-file state dict into its three components, prefixes removed."""
-    parts = {"unet": {}, "vae": {}, "text_encoder": {}}
-    for key, value in state_dict.items():
-        if key.startswith(UNET_PREFIX):
-            parts["unet"][key[len(UNET_PREFIX):]] = value
-        elif key.startswith(VAE_PREFIX):
-            parts["vae"][key[len(VAE_PREFIX):]] = value
-        elif key.startswith(_OLD_TEXT_PREFIX):
-            name = key[len(TEXT_PREFIX if key.startswith(TEXT_PREFIX) else _OLD_TEXT_PREFIX):]
-            if name != "embeddings.position_ids":
-                parts["text_encoder"][name] = value
-    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
-    for name, part in parts.items():
-        if not part:
-            raise PersonalizeError(f"the checkpoint has no {name} weights (no keys starting with '{prefixes[name]}')")
-    return parts
+def infer_unet_config(unet_sd: dict, base: dict) -> dict:
+    """``base`` (a family's shipped UNet config) with every size the original-layout weights reveal."""
+    keys = list(unet_sd)
+    config = dict(base)
+    blocks = count_indices(keys, "input_blocks.")
+    downsample_at = sorted(int(k.split(".")[1]) for k in keys if k.startswith("input_blocks.") and ".op." in k)
+    per_level = (downsample_at[0] - 1) if downsample_at else blocks - 1
+    levels = blocks // (per_level + 1)
+    channels, down_types, depths = [], [], []
+    for level in range(levels):
+        first = 1 + level * (per_level + 1)
+        channels.append(unet_sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
+        attention = f"input_blocks.{first}.1."
+        depth = count_indices(keys, attention + "transformer_blocks.")
+        down_types.append("CrossAttnDownBlock2D" if depth else "DownBlock2D")
+        depths.append(max(depth, 1))
+    context = next((v.shape[1] for k, v in unet_sd.items() if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((v for k, v in unet_sd.items() if k.endswith(".proj_in.weight")), None)
+    config.update(
+        in_channels=unet_sd["input_blocks.0.0.weight"].shape[1],
+        out_channels=unet_sd["out.2.weight"].shape[0],
+        block_out_channels=channels,
+        layers_per_block=per_level,
+        down_block_types=down_types,
+        up_block_types=["CrossAttnUpBlock2D" if t.startswith("CrossAttn") else "UpBlock2D"
+                        for t in reversed(down_types)],
+        transformer_layers_per_block=depths if len(set(depths)) > 1 else depths[0],
+        cross_attention_dim=context or config["cross_attention_dim"],
+        use_linear_projection=proj_in is not None and proj_in.ndim == 2,
+    )
+    return config
+
+
+def infer_vae_config(vae_sd: dict, base: dict) -> dict:
+    keys = list(vae_sd)
+    config = dict(base)
+    levels = count_indices(keys, "encoder.down.")
+    per_level = count_indices(keys, "encoder.down.0.block.")
+    config.update(
+        in_channels=vae_sd["encoder.conv_in.weight"].shape[1],
+        out_channels=vae_sd["decoder.conv_out.weight"].shape[0],
+        block_out_channels=[vae_sd[f"encoder.down.{i}.block.{per_level - 1}.conv2.weight"].shape[0]
+                            for i in range(levels)],
+        layers_per_block=per_level,
+        latent_channels=vae_sd["post_quant_conv.weight"].shape[0],
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+    )
+    return config

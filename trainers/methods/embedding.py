@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import Command
-from .config import TrainConfig
-from .errors import PersonalizeError
-from .export import IMPLEMENTATION_DIFFUSERS, MODELSPEC_SD1, atomic_save_safetensors, modelspec_metadata, \
-    provenance_metadata
-from .loop import Method, TrainResult
-from .models import Components, read_metadata
-from .options import option
-from .run import add_training_arguments, run_training_command
+from ..checkpoints import read_metadata
+from ..components import Components
+from ..config import TrainConfig
+from ..errors import PersonalizeError
+from ..export import IMPLEMENTATION_DIFFUSERS, modelspec_metadata, provenance_metadata, save_safetensors
+from ..families import TextEncoderSlot
+from ..loop import TrainResult
+from ..options import option
+from .base import Method
 
 # The paper's templates (ldm/data/personalized.py and personalized_style.py, duplicates removed).
 TEMPLATES = {
@@ -143,47 +143,52 @@ class SplicedEmbedding(nn.Module):
 
 
 class EmbeddingMethod(Method):
-    """Only the new vectors are trained. The text encoder is run every step (``trains_text_encoder``), since its
-    output depends on them, but all its weights stay frozen."""
+    """Only the new vectors (one set per text encoder of the family) are trained. The text encoders run every step,
+    since their output depends on the vectors, but all their weights stay frozen."""
 
     name = "embedding"
-    trains_text_encoder = True
+    trains_conditioning = True
 
     def __init__(self, config: EmbeddingConfig):
         check_token_name(config.token)  # before any model is loaded
-        self.spliced: SplicedEmbedding | None = None
-        self.max_norm = 0.0
+        # Per text encoder: its slot, the splice holding its new vectors, and their length cap.
+        self.splices: list[tuple[TextEncoderSlot, SplicedEmbedding, float]] = []
 
     def prepare(self, components: Components, config: EmbeddingConfig) -> list[dict]:
-        for module in (components.unet, components.vae, components.text_encoder):
+        encoders = components.family.text_encoders(components)
+        for module in (components.unet, components.vae, *(encoder for _, encoder in encoders)):
             module.requires_grad_(False)
-        tokenizer = components.tokenizer
-        refuse_known_token(tokenizer, config.token, config.vectors)
-        table = components.text_encoder.get_input_embeddings()
-        weight = table.weight.detach()
-        start = init_vector(tokenizer, weight, config.init_word)
         names = token_names(config.token, config.vectors)
-        tokenizer.add_tokens(names)
-        # The splice reads ids from the table's end on; a tokenizer out of step with the table would misplace them.
-        first = table.num_embeddings
-        if tokenizer.convert_tokens_to_ids(names) != list(range(first, first + config.vectors)):
-            raise PersonalizeError(f"the tokenizer ({len(tokenizer)} tokens) does not match the text encoder's "
-                                   f"token table ({first} rows); load the model afresh")
-        vectors = nn.Parameter(start.repeat(config.vectors, 1))
-        self.spliced = SplicedEmbedding(table, vectors)
-        components.text_encoder.set_input_embeddings(self.spliced)
-        # Real token vectors have similar lengths. At lr 5e-3 Adam moves every coordinate by up to ~lr per step
-        # (a length change of up to lr·√768 ≈ 0.14 per step for SD1.5), and weight decay is far too weak to stop
-        # it: unchecked, the vectors grow until they drown out the rest of the prompt in cross-attention (the
-        # "overtrained embedding" that ignores prompts). 2× the mean leaves room for a subject more specific than
-        # any one word while keeping the token at the scale of the words around it.
-        self.max_norm = config.max_norm_ratio * float(weight.float().norm(dim=1).mean())
-        return [{"params": [vectors], "lr": config.lr}]
+        self.splices = []
+        for slot, encoder in encoders:
+            tokenizer = getattr(components, slot.tokenizer)
+            refuse_known_token(tokenizer, config.token, config.vectors)
+            table = encoder.get_input_embeddings()
+            weight = table.weight.detach()
+            start = init_vector(tokenizer, weight, config.init_word)
+            tokenizer.add_tokens(names)
+            # The splice reads ids from the table's end on; a tokenizer out of step with the table would misplace
+            # them.
+            first = table.num_embeddings
+            if tokenizer.convert_tokens_to_ids(names) != list(range(first, first + config.vectors)):
+                raise PersonalizeError(f"the tokenizer ({len(tokenizer)} tokens) does not match the text encoder's "
+                                       f"token table ({first} rows); load the model afresh")
+            spliced = SplicedEmbedding(table, nn.Parameter(start.repeat(config.vectors, 1)))
+            encoder.set_input_embeddings(spliced)
+            # Real token vectors have similar lengths. At lr 5e-3 Adam moves every coordinate by up to ~lr per step
+            # (a length change of up to lr·√768 ≈ 0.14 per step for SD1.5), and weight decay is far too weak to stop
+            # it: unchecked, the vectors grow until they drown out the rest of the prompt in cross-attention (the
+            # "overtrained embedding" that ignores prompts). 2× the mean leaves room for a subject more specific
+            # than any one word while keeping the token at the scale of the words around it.
+            max_norm = config.max_norm_ratio * float(weight.float().norm(dim=1).mean())
+            self.splices.append((slot, spliced, max_norm))
+        return [{"params": [spliced.vectors for _, spliced, _ in self.splices], "lr": config.lr}]
 
     def after_step(self, components: Components, step: int, config: EmbeddingConfig) -> None:
-        if self.max_norm > 0:
-            with torch.no_grad():
-                self.spliced.vectors.renorm_(2, 0, self.max_norm)
+        with torch.no_grad():
+            for _, spliced, max_norm in self.splices:
+                if max_norm > 0:
+                    spliced.vectors.renorm_(2, 0, max_norm)
 
     def prompts(self, config: EmbeddingConfig, captions: list[str]) -> list[list[str]]:
         placeholder = " ".join(token_names(config.token, config.vectors))
@@ -195,12 +200,15 @@ class EmbeddingMethod(Method):
 
     def export(self, components: Components, config: EmbeddingConfig, result: TrainResult,
                path: Path) -> tuple[Path, dict[str, str]]:
-        vectors = self.spliced.vectors.detach().float().cpu()
-        # From here on the components are the base model with this embedding loaded, as load_embedding gives it.
-        components.text_encoder.set_input_embeddings(self.spliced.folded())
-        components.text_encoder.config.vocab_size = components.text_encoder.get_input_embeddings().num_embeddings
+        tensors = {}
+        for slot, spliced, _ in self.splices:
+            tensors[slot.embedding_key] = spliced.vectors.detach().float().cpu()
+            # From here on the components are the base model with this embedding loaded, as load_embedding gives it.
+            encoder = getattr(components, slot.encoder)
+            encoder.set_input_embeddings(spliced.folded())
+            encoder.config.vocab_size = encoder.get_input_embeddings().num_embeddings
         metadata = embedding_metadata(components, config, result, path)
-        return atomic_save_safetensors({"emb_params": vectors}, path, metadata), metadata
+        return save_safetensors(tensors, path, metadata), metadata
 
 
 def embedding_metadata(components: Components, config: EmbeddingConfig, result: TrainResult,
@@ -212,8 +220,9 @@ def embedding_metadata(components: Components, config: EmbeddingConfig, result: 
         "personalize.vectors": str(config.vectors),
         "personalize.steps": str(result.steps),
         "personalize.templates": config.templates,
-        **modelspec_metadata(f"{MODELSPEC_SD1}/textual-inversion", IMPLEMENTATION_DIFFUSERS, path.stem,
-                             config.resolution, config.token, components.prediction_type),
+        **modelspec_metadata(f"{components.family.modelspec_architecture}/textual-inversion",
+                             IMPLEMENTATION_DIFFUSERS, path.stem, config.resolution, config.token,
+                             components.prediction_type),
     }
 
 
@@ -227,12 +236,3 @@ def load_embedding(pipeline, path: str | Path, token: str | None = None):
     token = token or read_metadata(path).get("personalize.token") or Path(path).stem
     pipeline.load_textual_inversion(str(path), token=token)
     return pipeline
-
-
-COMMAND = Command(
-    name="train-embedding",
-    help="train a Textual Inversion embedding of a subject or style (ComfyUI: embedding:<file name>)",
-    add_arguments=add_training_arguments,
-    config=EmbeddingConfig,
-    run=lambda args, config: run_training_command(args, config, EmbeddingMethod(config)),
-)

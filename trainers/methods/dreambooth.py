@@ -4,28 +4,27 @@ class noun from collapsing onto the subject. The result is a complete SD1.x chec
 layout (what ComfyUI's CheckpointLoader, A1111/Forge and diffusers' ``from_single_file`` load), optionally also as a
 diffusers folder.
 
-Callers: the CLI (``train-dreambooth``), and a node that builds ``Components`` from ComfyUI's MODEL/CLIP/VAE with
-``models.components_from_original`` and calls ``run.personalize(components, DreamBoothMethod(config), ...)``.
+Callers: the CLI (``train-dreambooth``), and a node that builds ``Components`` from ComfyUI's MODEL/CLIP/VAE; both
+through ``run.train_or_reuse``.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .cli import Command
-from .config import TrainConfig
-from .errors import PersonalizeError
-from .export import IMPLEMENTATION_ORIGINAL, MODELSPEC_SD1, SAVE_DTYPES, modelspec_metadata, provenance_metadata
-from .loop import Method, TrainResult, pick_device
-from .models import Components, save_diffusers, save_single_file
-from .options import option
-from .run import add_training_arguments, run_training_command
+from ..components import Components
+from ..config import TrainConfig
+from ..errors import PersonalizeError
+from ..export import IMPLEMENTATION_ORIGINAL, SAVE_DTYPES, modelspec_metadata, provenance_metadata
+from ..files import atomic_path
+from ..loop import TrainResult
+from ..models import save_diffusers, save_single_file
+from ..optim import StochasticAdamW, fuse_optimizer_into_backward
+from ..options import option
+from .base import Method
 
 WEIGHTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -72,34 +71,60 @@ def check_device(config: DreamBoothConfig, device: torch.device) -> None:
 
 class DreamBoothMethod(Method):
     name = "dreambooth"
-    exports_frozen_parts = True
 
     def __init__(self, config: DreamBoothConfig, diffusers_out: str | Path | None = None):
-        self.trains_text_encoder = config.train_text_encoder
-        self.fused_backward = config.fused_backward
+        self.trains_conditioning = config.train_text_encoder
         self.diffusers_out = Path(diffusers_out) if diffusers_out else None
 
     def prepare(self, components: Components, config: DreamBoothConfig) -> list[dict]:
         check_device(config, components.unet.device)
         dtype = WEIGHTS_DTYPES[config.weights_dtype]
-        # All three in the training dtype: ComfyUI hands over fp16 weights, and an fp16 VAE on CPU is slow.
-        for module in (components.unet, components.vae, components.text_encoder):
+        encoders = [encoder for _, encoder in components.family.text_encoders(components)]
+        # All in the training dtype: ComfyUI hands over fp16 weights, and an fp16 VAE on CPU is slow.
+        for module in (components.unet, components.vae, *encoders):
             if module.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
                 module.to(dtype)
         components.vae.requires_grad_(False)
         components.unet.requires_grad_(True)
-        components.text_encoder.requires_grad_(self.trains_text_encoder)
         groups = [{"params": list(components.unet.parameters()), "lr": config.lr}]
-        if self.trains_text_encoder:
-            groups.append({"params": list(components.text_encoder.parameters()), "lr": config.text_encoder_lr})
+        for encoder in encoders:
+            encoder.requires_grad_(self.trains_conditioning)
+            if self.trains_conditioning:
+                groups.append({"params": list(encoder.parameters()), "lr": config.text_encoder_lr})
         return groups
 
+    def make_optimizer(self, groups: list[dict], config: DreamBoothConfig,
+                       device: torch.device) -> torch.optim.Optimizer:
+        if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
+            # Weights trained in bf16: torch's AdamW rounds each update to nearest, which loses most at DreamBooth's lr.
+            return StochasticAdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        return super().make_optimizer(groups, config, device)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, config: DreamBoothConfig, device: torch.device,
+                         loss_scaled: bool) -> list:
+        # fp16's loss scaling needs every gradient before any update: that run keeps the usual step.
+        if not config.fused_backward or loss_scaled:
+            return []
+        if config.gradient_accumulation > 1:
+            raise PersonalizeError("fused_backward updates each weight during the backward pass, so it cannot "
+                                   "accumulate gradients: set gradient_accumulation to 1 or turn fused_backward off")
+        return fuse_optimizer_into_backward(optimizer, config.max_grad_norm,
+                                            lambda groups: self.make_optimizer(groups, config, device))
+
+    def release_frozen(self, components: Components, text_encoders: bool) -> None:
+        # The export still writes them, but not from the training device.
+        components.vae.to("cpu")
+        if text_encoders:
+            for _, encoder in components.family.text_encoders(components):
+                encoder.to("cpu")
+
     def after_step(self, components: Components, step: int, config: DreamBoothConfig) -> None:
-        if self.trains_text_encoder and step == config.text_encoder_steps:
+        if self.trains_conditioning and step == config.text_encoder_steps:
             # Grads are already None (zero_grad(set_to_none)); without requires_grad none are made again, and AdamW
             # skips parameters without a grad, weight decay included. eval() also ends its gradient checkpointing.
-            components.text_encoder.requires_grad_(False)
-            components.text_encoder.eval()
+            for _, encoder in components.family.text_encoders(components):
+                encoder.requires_grad_(False)
+                encoder.eval()
 
     def export(self, components: Components, config: DreamBoothConfig, result: TrainResult,
                path: Path) -> tuple[Path, dict[str, str]]:
@@ -115,8 +140,8 @@ def dreambooth_metadata(components: Components, config: DreamBoothConfig, result
                           if config.train_text_encoder else 0)
     return {
         **provenance_metadata("dreambooth", components.name, components.fingerprint, config, result),
-        **modelspec_metadata(MODELSPEC_SD1, IMPLEMENTATION_ORIGINAL, path.stem, config.resolution, config.prompt,
-                             components.prediction_type),
+        **modelspec_metadata(components.family.modelspec_architecture, IMPLEMENTATION_ORIGINAL, path.stem,
+                             config.resolution, config.prompt, components.prediction_type),
         "personalize.steps": str(result.steps),
         "personalize.text_encoder_steps": str(text_encoder_steps),
         "personalize.prior_weight": f"{config.prior_weight:g}" if config.prior_preservation else "0",
@@ -127,36 +152,6 @@ def save_diffusers_atomic(components: Components, folder: Path) -> Path:
     """Write a diffusers folder under a temporary name and rename it: a reader never sees half a model."""
     if folder.exists():
         raise PersonalizeError(f"{folder} already exists; choose another diffusers output folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_path(folder, directory=True) as tmp:
         save_diffusers(components, tmp)
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def _add_arguments(parser) -> None:
-    add_training_arguments(parser)
-    parser.add_argument("--diffusers-out", default=None, help="also write the trained model as a diffusers folder "
-                        "here (must not exist yet)")
-
-
-def _run(args, config: DreamBoothConfig) -> dict:
-    check_device(config, pick_device(args.device))
-    diffusers_out = Path(args.diffusers_out) if args.diffusers_out else None
-    if diffusers_out and diffusers_out.exists():  # before training, not after it
-        raise PersonalizeError(f"--diffusers-out {diffusers_out} already exists; choose another folder")
-    result = run_training_command(args, config, DreamBoothMethod(config, diffusers_out))
-    return dict(result, diffusers=str(diffusers_out) if diffusers_out else None)
-
-
-COMMAND = Command(
-    name="train-dreambooth",
-    help="DreamBooth: fine-tune the whole model on a subject (prior preservation on by default) and save an SD1.x "
-         "single-file checkpoint (loads in ComfyUI, A1111/Forge and diffusers)",
-    add_arguments=_add_arguments,
-    config=DreamBoothConfig,
-    run=_run,
-)

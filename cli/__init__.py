@@ -1,0 +1,70 @@
+"""``python -m comfyui_personalize <command>``: the engine, headless — the pack's second face beside ``nodes/``.
+
+The subcommands live in ``train`` (the three trainers) and ``tools`` (test models, subject loading, the DINO score,
+the demo). A command with a config dataclass gets one ``--flag`` per option field; ``run`` returns a dict that
+``--json`` prints as the last stdout line (with ``seconds`` and ``peak_rss_mb`` added). A PersonalizeError prints
+its message and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..trainers.errors import PersonalizeError, TrainingCancelled
+from . import tools, train
+from .command import Command, add_config_arguments, config_from_args
+
+COMMANDS: tuple[Command, ...] = (tools.MAKE_TINY_MODEL, tools.LOAD_SUBJECT, *train.COMMANDS, tools.DINO_SCORE,
+                                 tools.DEMO)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (0 where the platform cannot tell, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m comfyui_personalize",
+        description="Personalize Stable Diffusion from a few photos: DreamBooth, Textual Inversion and LoRA "
+                    "trainers, and the DreamBooth paper's metrics.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if command.add_arguments:
+            command.add_arguments(p)
+        if command.config:
+            add_config_arguments(p, command.config)
+        p.add_argument("--json", action="store_true", help="print a JSON object as the last stdout line")
+        p.set_defaults(_command=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command: Command = args._command
+    started = time.perf_counter()
+    try:
+        config = config_from_args(command.config, args) if command.config else None
+        result = command.run(args, config)
+    except PersonalizeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, TrainingCancelled):
+        print("cancelled: nothing was written", file=sys.stderr)
+        return 130
+    result = dict(result, seconds=round(time.perf_counter() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return 0

@@ -1,0 +1,111 @@
+"""``train-lora``, ``train-embedding``, ``train-dreambooth``: the trainers on files, through ``run.train_or_reuse``
+(an ``--out`` already trained from the same inputs is reported as reused, not trained again)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..trainers.config import TrainConfig
+from ..trainers.data import load_subject_folder
+from ..trainers.device import resolve_device
+from ..trainers.errors import PersonalizeError
+from ..trainers.loop import Callbacks
+from ..trainers.methods.base import Method
+from ..trainers.methods.dreambooth import DreamBoothConfig, DreamBoothMethod, check_device
+from ..trainers.methods.embedding import EmbeddingConfig, EmbeddingMethod
+from ..trainers.methods.lora import LoRAConfig, LoRAMethod
+from ..trainers.models import load_base
+from ..trainers.run import BaseModel, Output, default_cache_dir, train_or_reuse
+from .command import Command
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every training command shares besides its config's options."""
+    parser.add_argument("--base", required=True, help="base model: a diffusers folder or a single-file checkpoint "
+                        "(.safetensors, or .ckpt loaded with weights_only)")
+    parser.add_argument("--images", required=True, help="folder of subject photos (JPEG/PNG/WebP, optional "
+                        "<image>.txt captions)")
+    parser.add_argument("--out", required=True, help="output file; one already trained from the same inputs is "
+                        "reused")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it was trained from other inputs")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
+    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (vocab.json + merges.txt) for a "
+                        "single-file --base; default: a 'tokenizer' folder beside it")
+    parser.add_argument("--class-cache", default=None, help="folder for generated class images "
+                        f"(default: {default_cache_dir() / 'class_images'})")
+
+
+def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) -> dict:
+    out = Path(args.out)
+    if out.resolve() == Path(args.base).expanduser().resolve():
+        raise PersonalizeError(f"--out {out} is the base model itself; write the result to another file")
+    device = resolve_device(args.device)
+    subject = load_subject_folder(args.images, resolution=config.resolution)
+    base = BaseModel.loaded(load_base(args.base, tokenizer_dir=args.tokenizer))
+    artifact = train_or_reuse(base, method, subject.images, subject.captions, config,
+                              Output.file(out, overwrite=args.overwrite), class_cache_dir=args.class_cache,
+                              device=device, callbacks=terminal_callbacks(), release_frozen=True)
+    result = artifact.result
+    tail = artifact.losses[-10:]
+    return {"output": str(artifact.path), "method": artifact.method, "reused": artifact.reused,
+            "steps": result.steps if result else len(artifact.losses),
+            "final_loss": round(sum(tail) / len(tail), 6) if tail else None,
+            "seconds_per_step": round(result.seconds_per_step, 4) if result else None,
+            "startup_seconds": round(result.startup_seconds, 3) if result else None,
+            "bytes": artifact.path.stat().st_size if artifact.path.is_file() else None, "images": len(subject.files),
+            "class_images_generated": artifact.class_images_generated, "warnings": subject.warnings}
+
+
+def terminal_callbacks() -> Callbacks:
+    """A tqdm bar on stderr; Ctrl-C ends the run through KeyboardInterrupt (nothing is written)."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def on_step(info) -> None:
+        bar = bars.get("train") or bars.setdefault("train", tqdm(total=info.total, desc="training", unit="step"))
+        bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+        bar.update(1)
+        if info.step == info.total:
+            bar.close()
+
+    def on_prepare(done: int, total: int, what: str) -> None:
+        bar = bars.get(what) or bars.setdefault(what, tqdm(total=total, desc=what, unit="img"))
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return Callbacks(on_step=on_step, on_prepare=on_prepare)
+
+
+def _add_dreambooth_arguments(parser) -> None:
+    add_training_arguments(parser)
+    parser.add_argument("--diffusers-out", default=None, help="also write the trained model as a diffusers folder "
+                        "here (must not exist yet)")
+
+
+def _run_dreambooth(args, config: DreamBoothConfig) -> dict:
+    check_device(config, resolve_device(args.device))
+    diffusers_out = Path(args.diffusers_out) if args.diffusers_out else None
+    if diffusers_out and diffusers_out.exists():  # before training, not after it
+        raise PersonalizeError(f"--diffusers-out {diffusers_out} already exists; choose another folder")
+    result = run_training(args, config, DreamBoothMethod(config, diffusers_out))
+    return dict(result, diffusers=str(diffusers_out) if diffusers_out else None)
+
+
+COMMANDS = (
+    Command(name="train-lora",
+            help="train a LoRA on a subject and save it in kohya layout (loads in ComfyUI, A1111/Forge and diffusers)",
+            add_arguments=add_training_arguments, config=LoRAConfig,
+            run=lambda args, config: run_training(args, config, LoRAMethod(config))),
+    Command(name="train-embedding",
+            help="train a Textual Inversion embedding of a subject or style (ComfyUI: embedding:<file name>)",
+            add_arguments=add_training_arguments, config=EmbeddingConfig,
+            run=lambda args, config: run_training(args, config, EmbeddingMethod(config))),
+    Command(name="train-dreambooth",
+            help="DreamBooth: fine-tune the whole model on a subject (prior preservation on by default) and save a "
+                 "single-file checkpoint (loads in ComfyUI, A1111/Forge and diffusers)",
+            add_arguments=_add_dreambooth_arguments, config=DreamBoothConfig, run=_run_dreambooth),
+)

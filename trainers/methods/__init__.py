@@ -1,0 +1,1 @@
+"""The personalization methods: small variations of the one loop (``base.Method``)."""

@@ -1,0 +1,63 @@
+"""What a personalization method is: the few things LoRA, DreamBooth and Textual Inversion do differently inside the
+one training loop (``loop.train``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..components import Components
+from ..config import TrainConfig
+from ..optim import make_adamw
+
+if TYPE_CHECKING:
+    from ..loop import TrainResult
+
+
+class Method:
+    """Subclasses set ``name`` and override the hooks they need."""
+
+    name = "method"
+    # Whether training changes what prompts encode to (text-encoder weights, new token vectors): then the loop runs
+    # the text encoders every step instead of caching their outputs once.
+    trains_conditioning = False
+
+    def prepare(self, components: Components, config: TrainConfig) -> list[dict]:
+        """Freeze what must stay fixed, add what is trained; return optimizer parameter groups."""
+        raise NotImplementedError
+
+    def encode(self, components: Components, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return components.family.encode(components, input_ids)
+
+    def prompts(self, config: TrainConfig, captions: list[str]) -> list[list[str]]:
+        """For each instance image, the prompts a step may pick from (one, unless the method varies them)."""
+        return [[f"{config.prompt}, {c}" if c.strip() else config.prompt] for c in captions]
+
+    def preview_prompt(self, config: TrainConfig) -> str:
+        return config.prompt
+
+    def make_optimizer(self, groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+        return make_adamw(groups, config, device)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device,
+                         loss_scaled: bool) -> list:
+        """Hook the optimizer into the backward pass if the method wants that; return the hook handles."""
+        return []
+
+    def release_frozen(self, components: Components, text_encoders: bool) -> None:
+        """Training no longer needs the VAE (latents are cached) nor, when ``text_encoders``, the frozen text
+        encoders (their outputs are cached): drop them. A method whose export writes them keeps them elsewhere."""
+        components.vae = None
+        if text_encoders:
+            for slot in components.family.text_encoder_slots:
+                setattr(components, slot.encoder, None)
+
+    def after_step(self, components: Components, step: int, config: TrainConfig) -> None:
+        """Called after each optimizer step (e.g. to stop text-encoder training, or to clamp a norm)."""
+
+    def export(self, components: Components, config: TrainConfig, result: "TrainResult",
+               path: Path) -> tuple[Path, dict[str, str]]:
+        """Write the artifact atomically to ``path``; return the path and its metadata."""
+        raise NotImplementedError
