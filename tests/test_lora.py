@@ -235,7 +235,10 @@ def test_a_diverging_loss_stops_with_a_clear_error_and_no_file(components, subje
     assert not out.exists()
 
 
-def test_cli_trains_and_reports_json(tiny_model, tmp_path, capsys):
+@pytest.fixture
+def cli_lora(tiny_model, tmp_path, capsys):
+    """The train-lora command line on 3 photos in a folder, its --out, and a runner returning (exit code, the --json
+    object or stderr)."""
     import json
 
     from PIL import Image
@@ -249,34 +252,26 @@ def test_cli_trains_and_reports_json(tiny_model, tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
     args = ["train-lora", "--base", tiny_model["single_file"], "--images", str(folder), "--out", str(out),
             "--steps", "3", "--resolution", "64", "--rank", "2", "--device", "cpu", "--json"]
-    assert pack("cli").main(args) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    def run(argv):
+        code = pack("cli").main(argv)
+        captured = capsys.readouterr()
+        return code, json.loads(captured.out.strip().splitlines()[-1]) if code == 0 else captured.err
+
+    return args, out, run
+
+
+def test_cli_trains_and_reports_json(cli_lora):
+    args, out, run = cli_lora
+    code, result = run(args)
+    assert code == 0
     for key in ("output", "steps", "final_loss", "seconds_per_step", "peak_rss_mb"):
         assert key in result
     assert result["output"] == str(out) and out.is_file() and result["steps"] == 3 and result["reused"] is False
 
 
-def test_cli_reuses_an_out_trained_from_the_same_inputs_and_refuses_one_from_others(tiny_model, tmp_path, capsys):
-    import json
-
-    from PIL import Image
-
-    from conftest import make_subject_images
-
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i, image in enumerate(make_subject_images(3)):
-        Image.fromarray((image.numpy() * 255).astype("uint8")).save(folder / f"{i}.png")
-    out = tmp_path / "cli.safetensors"
-    args = ["train-lora", "--base", tiny_model["single_file"], "--images", str(folder), "--out", str(out),
-            "--steps", "3", "--resolution", "64", "--rank", "2", "--device", "cpu", "--json"]
-    cli = pack("cli")
-
-    def run(argv):
-        code = cli.main(argv)
-        captured = capsys.readouterr()
-        return code, json.loads(captured.out.strip().splitlines()[-1]) if code == 0 else captured.err
-
+def test_cli_reuses_an_out_trained_from_the_same_inputs_and_refuses_one_from_others(cli_lora):
+    args, out, run = cli_lora
     code, first = run(args)
     assert code == 0 and first["reused"] is False
     written, stamp = out.read_bytes(), out.stat().st_mtime_ns
