@@ -1,14 +1,18 @@
-"""One measured training run, in its own process (peak RSS is per process). Started by ``bench/speed.py``; not a
-module to import.
+"""One measured training run, in its own process (peak RSS is per process). Started by ``bench/speed.py`` and
+``bench/gpu_check.py``; not a module to import.
 
     python bench/_child.py '<spec json>'
 
 The spec names what to run: ``{"kind": "ours", "argv": [...]}`` runs ``python -m comfyui_personalize <argv>`` in this
-process; ``{"kind": "theirs", "script": path, "argv": [...]}`` runs a diffusers example script as ``__main__`` (its
-file is read and run unchanged). Both are timed the same way, by a global optimizer step hook (a public torch API,
+process (through the package's ``__main__``, wherever the CLI lives); ``{"kind": "theirs", "script": path, "argv":
+[...]}`` runs a diffusers example script as ``__main__`` (its file is read and run unchanged). Both are timed the
+same way, by a global optimizer step hook (a public torch API,
 ``torch.optim.optimizer.register_optimizer_step_post_hook``): the time between consecutive optimizer steps is one
-training step, whatever the trainer does in it (data loading, encoding, logging). Start-up is the wall time from
-the parent's spawn to the start of the first step. The last stdout line is a JSON object (``BENCH_RESULT {...}``).
+training step, whatever the trainer does in it (data loading, encoding, logging); the hook also records which
+optimizer classes stepped. Start-up is the wall time from the parent's spawn to the start of the first step. Memory
+left behind: on CUDA ``torch.cuda.memory_allocated`` before the run and after it (garbage collected, caches
+emptied); on CPU the bytes of the tensors still alive, found by the garbage collector. The last stdout line is a
+JSON object (``BENCH_RESULT {...}``).
 """
 
 import time
@@ -16,6 +20,7 @@ import time
 _WALL0 = time.time()
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -39,6 +44,36 @@ def _rss_parts_mb() -> dict:
     return {key: int(value.split()[0]) / 1024.0 for key, value in fields.items()}
 
 
+def _live_tensor_bytes() -> int:
+    """Bytes of the distinct CPU tensor storages still reachable in this process (every tensor is gc-tracked)."""
+    import torch
+
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage of their own
+                continue
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _memory_in_use(cuda: bool) -> int:
+    import torch
+
+    gc.collect()
+    if not cuda:
+        return _live_tensor_bytes()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    # cuBLAS keeps a workspace per (thread, stream) in the caching allocator until told to drop it.
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear_workspaces is not None:
+        clear_workspaces()
+    return torch.cuda.memory_allocated()
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     import torch
@@ -49,12 +84,14 @@ def main() -> int:
         torch.set_num_threads(threads)
     cuda = spec.get("device") == "cuda"
     marks: list[tuple[float, float]] = []  # (perf_counter, wall) after each optimizer step
-    state: dict = {"rss_at_last_step_mb": 0.0, "cuda_peak_at_last_step_mb": 0.0, "anon_max_mb": 0.0, "parts": {}}
+    state: dict = {"rss_at_last_step_mb": 0.0, "cuda_peak_at_last_step_mb": 0.0, "anon_max_mb": 0.0, "parts": {},
+                   "optimizers": set()}
 
     def after_step(optimizer, args, kwargs) -> None:
         # accelerate wraps the real optimizer; count only the inner (torch) one, so that a step counts once.
         if type(optimizer).__name__ == "AcceleratedOptimizer":
             return
+        state["optimizers"].add(type(optimizer).__name__)
         # Ours with fused_backward: one optimizer per weight steps inside the backward pass; the step is the
         # group optimizer's (trainers/optim.py, fuse_optimizer_into_backward).
         if getattr(optimizer, "fused_backward_part", False):
@@ -68,18 +105,21 @@ def main() -> int:
         state["anon_max_mb"] = max(state["anon_max_mb"], state["parts"].get("RssAnon", 0.0))
 
     register_optimizer_step_post_hook(after_step)
+    if cuda:
+        torch.cuda.init()
+    memory_before = _memory_in_use(cuda)
 
     error = None
     ours_json = None
     if spec["kind"] == "ours":
-        from comfyui_personalize.cli import main as cli_main
-
         captured = io.StringIO()
+        sys.argv = ["comfyui_personalize"] + list(spec["argv"]) + ["--json"]
         with contextlib.redirect_stdout(captured):
             try:
-                code = cli_main(list(spec["argv"]) + ["--json"])
-            except SystemExit as exit_:  # argparse
-                code = exit_.code
+                runpy.run_module("comfyui_personalize", run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as exit_:  # __main__ exits with the CLI's status; argparse exits too
+                code = exit_.code or 0
         out = captured.getvalue().strip().splitlines()
         if code != 0:
             error = f"exit {code}: {' | '.join(out[-5:])}"
@@ -100,6 +140,7 @@ def main() -> int:
             traceback.print_exc()
             error = f"{type(exc).__name__}: {exc}"
 
+    memory_after = _memory_in_use(cuda)
     intervals = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
     result = {
         "error": error,
@@ -115,6 +156,11 @@ def main() -> int:
         "anon_max_at_steps_mb": state["anon_max_mb"],
         "cuda_peak_at_last_step_mb": state["cuda_peak_at_last_step_mb"],
         "cuda_process_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,
+        "cuda_reserved_peak_mb": torch.cuda.max_memory_reserved() / 2**20 if cuda else 0.0,
+        "memory_before_run_bytes": memory_before,
+        "memory_after_run_bytes": memory_after,
+        "memory_measure": "torch.cuda.memory_allocated" if cuda else "live CPU tensors",
+        "optimizers": sorted(state["optimizers"]),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "ours": ours_json,

@@ -303,12 +303,17 @@ class Case:
         return argv
 
 
-def spawn(spec: dict, python: str, env: dict, log_path: Path) -> dict:
-    """Run one child and return its result (with the parent's spawn time folded in)."""
+def spawn(spec: dict, python: str, env: dict, log_path: Path, timeout: float | None = None) -> dict:
+    """Run one child and return its result (with the parent's spawn time folded in); a child still running after
+    ``timeout`` seconds is killed and reported as an error."""
     spawned = time.time()
     with open(log_path, "w") as log_file:
-        done = subprocess.run([python, str(CHILD), json.dumps(spec)], stdout=subprocess.PIPE, stderr=log_file,
-                              text=True, env=env, cwd=spec.get("cwd") or REPO)
+        try:
+            done = subprocess.run([python, str(CHILD), json.dumps(spec)], stdout=subprocess.PIPE, stderr=log_file,
+                                  text=True, env=env, cwd=spec.get("cwd") or REPO, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out: stopped after {timeout:.0f} s (log: {log_path})", "timed_out": True,
+                    "wall_seconds": time.time() - spawned}
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
     if not lines:
         tail = log_path.read_text(errors="replace")[-1500:]
@@ -362,30 +367,39 @@ def unet_flops(model: Path, method: str, resolution: int, python: str, env: dict
     """UNet forward+backward FLOPs of one training step (batch 2 with prior preservation), counted on meta tensors.
     DreamBooth's backward includes weight gradients; LoRA's and TI's only input gradients (their trained
     parameters are a rounding error)."""
+    return unet_flops_of(model, [(method, resolution)], python, env)[0]
+
+
+def unet_flops_of(model: Path, cases: list[tuple[str, int]], python: str, env: dict) -> list[float | None]:
+    """``unet_flops`` for several (method, resolution) cases, counted in one process."""
     script = (
         "import sys, json, torch\n"
         "from torch.utils.flop_counter import FlopCounterMode\n"
         "from diffusers import UNet2DConditionModel\n"
-        "folder, method, res = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+        "folder, cases = sys.argv[1], json.loads(sys.argv[2])\n"
         "config = UNet2DConditionModel.load_config(folder, subfolder='unet')\n"
         "with torch.device('meta'):\n"
         "    unet = UNet2DConditionModel.from_config(config)\n"
-        "weights = method.startswith('dreambooth')\n"
-        "unet.requires_grad_(weights)\n"
-        "batch = 2 if method == 'dreambooth-prior' else 1\n"
-        "side = res // 8\n"
-        "x = torch.randn(batch, config['in_channels'], side, side, device='meta', requires_grad=not weights)\n"
-        "h = torch.randn(batch, 77, config['cross_attention_dim'], device='meta', requires_grad=not weights)\n"
-        "with FlopCounterMode(display=False) as counter:\n"
-        "    unet(x, torch.zeros(batch, dtype=torch.long, device='meta'), h).sample.float().pow(2).mean().backward()\n"
-        "print(json.dumps(counter.get_total_flops()))\n")
-    done = subprocess.run([python, "-c", script, str(model), method, str(resolution)], capture_output=True,
-                          text=True, env=env)
+        "totals = []\n"
+        "for method, res in cases:\n"
+        "    weights = method.startswith('dreambooth')\n"
+        "    unet.requires_grad_(weights)\n"
+        "    batch = 2 if method == 'dreambooth-prior' else 1\n"
+        "    side = res // 8\n"
+        "    x = torch.randn(batch, config['in_channels'], side, side, device='meta', requires_grad=not weights)\n"
+        "    h = torch.randn(batch, 77, config['cross_attention_dim'], device='meta', requires_grad=not weights)\n"
+        "    with FlopCounterMode(display=False) as counter:\n"
+        "        t = torch.zeros(batch, dtype=torch.long, device='meta')\n"
+        "        unet(x, t, h).sample.float().pow(2).mean().backward()\n"
+        "    totals.append(counter.get_total_flops())\n"
+        "print(json.dumps(totals))\n")
+    done = subprocess.run([python, "-c", script, str(model), json.dumps(cases)], capture_output=True, text=True,
+                          env=env)
     try:
-        return float(done.stdout.strip().splitlines()[-1])
+        return [float(total) for total in json.loads(done.stdout.strip().splitlines()[-1])]
     except (ValueError, IndexError):
         log(f"could not count UNet FLOPs: {done.stderr[-500:]}")
-        return None
+        return [None] * len(cases)
 
 
 def peak_tflops_for(gpu_name: str | None, override: float | None) -> tuple[float | None, str]:
@@ -446,14 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision or ("no" if args.device == "cpu" else "bf16")
     examples = Path(args.examples_dir).resolve() if args.examples_dir else None
     if examples is not None:
-        missing = [s for s in set(SCRIPTS[m] for m in methods) if not (examples / s).is_file()]
-        if missing:
-            parser.error(f"--examples-dir {examples} lacks {missing}")
-        probe = subprocess.run([args.theirs_python, "-c", "import torchvision.transforms, accelerate"],
-                               capture_output=True, text=True)
-        if probe.returncode != 0:
-            parser.error(f"{args.theirs_python} cannot import torchvision/accelerate, which the example scripts "
-                         f"need; pass --theirs-python: {probe.stderr.strip()[-300:]}")
+        problem = examples_problem(examples, args.theirs_python, methods)
+        if problem:
+            parser.error(problem)
     work = Path(args.work).expanduser().resolve()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -564,6 +573,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def examples_problem(examples: Path, python: str, methods: list[str]) -> str | None:
+    """Why diffusers' example scripts for ``methods`` cannot run from ``examples`` with ``python``; None if they can."""
+    missing = sorted(set(SCRIPTS[m] for m in methods if not (examples / SCRIPTS[m]).is_file()))
+    if missing:
+        return f"--examples-dir {examples} lacks {missing}"
+    probe = subprocess.run([python, "-c", "import torchvision.transforms, accelerate"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return (f"{python} cannot import torchvision/accelerate, which the example scripts need; pass "
+                f"--theirs-python: {probe.stderr.strip()[-300:]}")
+    return None
+
+
 def resolutions_for(args, size: str, method: str) -> tuple[int, ...]:
     if args.resolutions:
         return tuple(int(r) for r in args.resolutions.split(",") if r)
@@ -628,9 +649,7 @@ def _fmt(value, kind: str) -> str:
 
 def write_results(report: dict, out_dir: Path, started: float) -> None:
     report["bench_seconds"] = round(time.time() - started, 1)
-    tmp = out_dir / "speed.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out_dir / "speed.json")
+    write_atomically(out_dir / "speed.json", json.dumps(report, indent=1))
     m = report["machine"]
     lines = [f"# Training speed ({report['mode']})", "",
              f"{report['date']} · {m['cpu']} · {m['cores']} cores, {m['memory_gb']} GB · device {m['device']}"
@@ -688,7 +707,14 @@ def write_results(report: dict, out_dir: Path, started: float) -> None:
     if report["machine"]["device"] == "cpu":
         lines += ["", "GPU: not run here (no CUDA device). `python -m bench.speed --device cuda` measures 512 px, "
                   "CUDA peak memory, it/s and UNet TFLOP/s on a GPU."]
-    (out_dir / "speed.md").write_text("\n".join(lines) + "\n")
+    write_atomically(out_dir / "speed.md", "\n".join(lines) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader (or a run cut short) sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
