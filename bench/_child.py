@@ -50,7 +50,8 @@ def _live_tensor_bytes() -> int:
 
     storages: dict[int, int] = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+        # type(), not isinstance: isinstance reads __class__, which some lazy deprecated objects warn about.
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
             try:
                 storage = obj.untyped_storage()
             except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage of their own

@@ -7,6 +7,7 @@ The checks it makes (loss against a frozen run, memory back to baseline) are als
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -94,6 +95,25 @@ def test_markdown_agrees_with_the_json(dry_run):
     measured = dry_run["rows"]["sd15-lora-gc-off"]
     assert f"{measured['seconds_per_step']:.4f}" in table["sd15-lora-gc-off"]
     assert "skipped: 8-bit AdamW" in table["sd15-dreambooth-adamw8bit"]
+
+
+def test_a_gpu_report_renders_its_cuda_figures_and_the_ratios_to_diffusers(dry_run):
+    """The GPU-only parts of gpu.md (VRAM, TFLOP/s, share of peak, ours/theirs), from the dry run's report with
+    figures a GPU run would add."""
+    report = copy.deepcopy(dry_run["report"])
+    report.update(dry_run=False, machine=dict(report["machine"], gpu="NVIDIA H200"),
+                  gpu_peak_tflops={"value": 989.0, "source": "table (H200, dense bf16/fp16)"})
+    rows = {row["id"]: row for row in report["rows"]}
+    ours, theirs = rows["sd15-lora-gc-off"], rows["theirs-sd15-lora-gc-off"]
+    ours.update(cuda_peak_mb=5123.4, cuda_reserved_peak_mb=6000.0, unet_tflops=247.25, unet_mfu=247.25 / 989.0)
+    theirs.update(status="ok", reason=None, seconds_per_step=2 * ours["seconds_per_step"], cuda_peak_mb=10246.8)
+    theirs["ratios"] = gpu_check.Check.ratios(theirs, ours)
+    assert theirs["ratios"] == {"ours": "sd15-lora-gc-off", "seconds_per_step": 0.5, "cuda_peak": 0.5}
+    markdown = gpu_check.render_markdown(report)
+    assert "dry run" not in markdown.splitlines()[0] and "NVIDIA H200" in markdown and "peak 989 TFLOP/s" in markdown
+    assert "| sd15-lora-gc-off | theirs-sd15-lora-gc-off | 0.50× | 0.50× |" in markdown
+    line = next(line for line in markdown.splitlines() if line.startswith("| sd15-lora-gc-off |"))
+    assert "| 5,123 | 6,000 | 247 | 25% |" in line
 
 
 def test_rows_that_do_not_fit_the_budget_are_skipped_with_the_reason(tmp_path):
