@@ -1,8 +1,8 @@
-"""The GPU check: speed, peak VRAM and correctness of every trainer on CUDA, in one command of under 8 minutes.
+"""The GPU check: speed, peak VRAM and correctness of every trainer on CUDA, in one command (8-minute budget).
 
     python bench/gpu_check.py                          # from the repo root, on a GPU: writes bench/results/gpu.*
     python bench/gpu_check.py --budget-seconds 420 --out /tmp/gpu
-    python bench/gpu_check.py --dry-run --out /tmp/dry # CPU, tiny model, every code path (tests/test_gpu_check.py)
+    python bench/gpu_check.py --dry-run --out /tmp/dry # CPU, tiny model, every row a CPU can run (the test suite)
     DIFFUSERS_EXAMPLES_DIR=/path/to/diffusers/examples python bench/gpu_check.py    # + diffusers' scripts, ratios
 
 Needs: a Python whose torch is built for CUDA (the CPU wheel that ``make test`` installs cannot run it) and the
@@ -11,8 +11,8 @@ or downloaded at run time, and the pack need not be installed: the children impo
 ``comfyui_personalize`` and drive it only through its command line. bitsandbytes is optional: without it the 8-bit
 AdamW row is skipped with the import error as the reason. diffusers' example scripts (optional) also need
 torchvision; ``DIFFUSERS_EXAMPLES_PYTHON`` names another Python for them. The models are random-weight models with
-the real architectures, built on the machine itself by ``make-tiny-model --size full`` (SD1.5: about 1 minute and
-8 GB under ``--work``; reused when already there).
+the real architectures, built on the machine itself by ``make-tiny-model --size full`` and given an fp32 copy as
+``bench.speed`` does (SD1.5: 1-2 minutes and 8.5 GB under ``--work``; reused when already there).
 
 What runs, each in its own process with a time limit (``bench/_child.py``, as for ``bench.speed``), at batch 1, bf16
 mixed precision, 20 optimizer steps, LoRA rank 4:
