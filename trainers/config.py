@@ -56,6 +56,23 @@ class TrainConfig:
     text_encoder_lr: float = option(5e-5, "learning rate of the text encoder", min=0.0, max=1.0, step=1e-6)
     preview_every: int = option(0, "generate a preview image every N steps (0 = never)", min=0, max=100_000,
                                 advanced=True)
+    save_every: int = option(0, "every N steps, write a checkpoint <name>-step<N> (the result's format) and the "
+                             "training state a resume continues from (0 = no checkpoints; the state is still saved "
+                             "on cancel)", min=0, max=100_000)
+    keep_last: int = option(0, "keep only this run's newest K checkpoints (0 = keep all)", min=0, max=10_000)
+    validate_every: int = option(0, "every N steps (and at the last), sample the validation prompts at fixed seeds "
+                                 "and score them against the photos: DINO, CLIP-I and CLIP-T with their models, PRES "
+                                 "with a class prompt (0 = no validation)", min=0, max=100_000)
+    validation_prompts: str = option("", "validation prompts, one per line (empty: the instance prompt, and it 'on "
+                                     "the beach' and 'in the jungle', as in the DreamBooth paper)", multiline=True,
+                                     advanced=True)
+    validation_images: int = option(2, "validation images per prompt (seeds seed, seed+1, ...)", min=1, max=16,
+                                    advanced=True)
+    validation_sampler_steps: int = option(25, "sampler steps per validation image", min=1, max=200, advanced=True)
+    select_best: str = option("dino", "which validated step becomes the result: the highest DINO (subject "
+                              "fidelity), CLIP-T (prompt following), balanced (DINO x CLIP-T, the paper's trade-off), "
+                              "or the last step; dino falls back to last without a DINO model",
+                              choices=("dino", "clip_t", "balanced", "last"))
 
     @property
     def prior_preservation(self) -> bool:

@@ -39,6 +39,11 @@ def provenance_metadata(method: str, base_name: str, base_hash: str, config, res
     if result is not None:
         metadata["personalize.fingerprint"] = result.input_fingerprint
         metadata["personalize.losses"] = json.dumps([round(x, 5) for x in result.losses])
+        metadata["ss_steps"] = str(result.steps)
+        if result.validation:
+            metadata["personalize.validation"] = json.dumps(result.validation)
+            metadata["personalize.best_step"] = str(result.best_step)
+            metadata["personalize.selection"] = result.selection
     return metadata
 
 

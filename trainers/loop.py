@@ -47,9 +47,52 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None
     # Progress of preparation work (class-image generation): (done, total, what).
     on_prepare: Callable[[int, int, str], None] | None = None
+    # Each validation: its row of the table ({step, dino, clip_t, ..., best_step}) and its samples side by side.
+    on_validation: Callable[[dict, Image.Image], None] | None = None
 
     def stop_requested(self) -> bool:
         return bool(self.should_stop and self.should_stop())
+
+
+@dataclass
+class LiveRun:
+    """What the loop trains with, handed once to its ``StepHooks`` (which may save and restore all of it)."""
+    components: Components
+    method: Method
+    config: TrainConfig
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    scaler: torch.amp.GradScaler | None
+    generator: torch.Generator
+    history: dict[str, list[float]]  # losses, lrs, instance_losses, prior_losses: extended in place
+    amp_dtype: torch.dtype | None
+    callbacks: Callbacks
+
+
+class StepHooks:
+    """What the loop tells checkpointing, resume and validation (``state.TrainingSession``) at step boundaries.
+    These do nothing: a plain run."""
+    samples = False  # whether the hooks sample images (then training keeps the VAE and the text encoders)
+
+    def attach(self, live: LiveRun) -> int:
+        """Restore what a resume continues from; return the last step already done (0: a fresh run)."""
+        return 0
+
+    def step_started(self) -> None:
+        pass
+
+    def updating(self) -> None:
+        """The weights are about to change (the optimizer step, or a backward pass that updates as it goes)."""
+
+    def step_finished(self, step: int) -> None:
+        pass
+
+    def finished(self) -> None:
+        pass
+
+    def interrupted(self) -> None:
+        pass
 
 
 @dataclass
@@ -63,6 +106,11 @@ class TrainResult:
     prior_losses: list[float] = field(default_factory=list)
     # Set by run.personalize: the hash of every training input, stored in the artifact for reuse.
     input_fingerprint: str = ""
+    # Set by state.TrainingSession when validation ran: the per-step table, the step exported and why.
+    validation: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    selection: str = ""
+    validation_seconds: float = 0.0
 
     @property
     def final_loss(self) -> float:
@@ -147,26 +195,34 @@ def _cosine_or_constant(optimizer, config: TrainConfig):
 
 def train(components: Components, method: Method, instance_pixels: torch.Tensor, captions: list[str],
           config: TrainConfig, *, class_pixels: torch.Tensor | None = None, device: torch.device | None = None,
-          callbacks: Callbacks | None = None, release_frozen: bool = False) -> TrainResult:
+          callbacks: Callbacks | None = None, release_frozen: bool = False,
+          session: StepHooks | None = None) -> TrainResult:
     """Train ``components`` in place with ``method``. Pixels are [B,3,R,R] in -1..1 on any device.
 
     ``release_frozen`` is for callers that discard the components after the export (the node, the CLI): once the
     latents (and, with a frozen text encoder, the prompt embeddings) are cached, training runs without the VAE and
     that text encoder (SD1.5 in fp32: ~0.8 GB). They are dropped from ``components``, or, when the export writes
-    them (DreamBooth), moved off the GPU; previews keep them where they are."""
+    them (DreamBooth), moved off the GPU; previews and validation keep them where they are.
+
+    ``session`` checkpoints, resumes and validates (``state.TrainingSession``)."""
     callbacks = callbacks or Callbacks()
     device = device or resolve_device()
+    session = session or StepHooks()
     with torch.inference_mode(False), torch.enable_grad():
-        hooks = cancel_checks(components.unet, callbacks)
+        hooks = []
         try:
             return _train(components, method, instance_pixels.clone(), captions, config,
                           None if class_pixels is None else class_pixels.clone(), device, callbacks, release_frozen,
-                          hooks)
+                          hooks, session)
         except torch.OutOfMemoryError:
             raise PersonalizeError(
                 "out of GPU memory while training; turn on gradient_checkpointing, lower batch_size or resolution, "
                 "install bitsandbytes for 8-bit AdamW, or train LoRA instead of the full model") from None
-        except (PersonalizeError, TrainingCancelled) as error:
+        except (TrainingCancelled, KeyboardInterrupt) as error:
+            session.interrupted()  # saves the state to resume from
+            error.__traceback__ = None
+            raise error
+        except PersonalizeError as error:
             # The traceback would keep the loop's frame, and with it the optimizer state, alive.
             error.__traceback__ = None
             raise error
@@ -199,10 +255,11 @@ def cast_frozen_weights(modules, dtype: torch.dtype) -> None:
                 parameter.data = parameter.data.to(dtype)
 
 
-def cancel_checks(unet, callbacks: Callbacks) -> list:
+def cancel_checks(unet, callbacks: Callbacks, in_backward: bool = True) -> list:
     """Ask ``should_stop`` at every UNet block, in the forward pass and (through a hook on the block's output) in
     the backward pass, not only between steps: a step of a full model on a slow device can take many seconds, and
-    Cancel should not wait for it."""
+    Cancel should not wait for it. Not in a backward pass that updates weights as it goes (``in_backward`` off):
+    stopping there would leave a half-updated model that no saved state could resume."""
     if callbacks.should_stop is None:
         return []
 
@@ -217,11 +274,12 @@ def cancel_checks(unet, callbacks: Callbacks) -> list:
 
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     return [hook for block in blocks for hook in (block.register_forward_pre_hook(check),
-                                                  block.register_forward_hook(watch_backward))]
+                                                  *([block.register_forward_hook(watch_backward)] if in_backward
+                                                    else []))]
 
 
 def _train(components, method, instance_pixels, captions, config, class_pixels, device, callbacks,
-           release_frozen, hooks: list) -> TrainResult:
+           release_frozen, hooks: list, session: StepHooks) -> TrainResult:
     """The run itself; hooks it registers go into ``hooks``, which ``train`` removes however the run ends."""
     started = time.perf_counter()
     if class_pixels is None and config.prior_preservation:
@@ -277,22 +335,27 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
     if not method.trains_conditioning:
         with torch.no_grad():
             cached_conditioning = {k: v.detach() for k, v in method.encode(components, all_ids.to(device)).items()}
-    if release_frozen and not (callbacks.on_preview and config.preview_every):
+    if release_frozen and not (callbacks.on_preview and config.preview_every) and not session.samples:
         method.release_frozen(components, text_encoders=cached_conditioning is not None)
         free_memory()
 
     optimizer = method.make_optimizer(groups, config, device)
     lr_schedule = _cosine_or_constant(optimizer, config)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    hooks += method.attach_optimizer(optimizer, config, device, loss_scaled=scaler is not None)
+    fused = method.attach_optimizer(optimizer, config, device, loss_scaled=scaler is not None)
+    hooks += fused + cancel_checks(unet, callbacks, in_backward=not fused)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
 
     n_images = instance_mean.shape[1]
     losses, lrs, instance_losses, prior_losses, step_times = [], [], [], [], []
+    history = dict(losses=losses, lrs=lrs, instance_losses=instance_losses, prior_losses=prior_losses)
+    done = session.attach(LiveRun(components, method, config, trainable, optimizer, lr_schedule, scaler, generator,
+                                  history, amp_dtype, callbacks))
     startup = time.perf_counter() - started
-    for step in range(1, config.steps + 1):
+    for step in range(done + 1, config.steps + 1):
         if callbacks.stop_requested():
             raise TrainingCancelled()
+        session.step_started()
         step_started = time.perf_counter()
         step_loss = step_instance = step_prior = 0.0
         for _ in range(config.gradient_accumulation):
@@ -330,9 +393,12 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
                 loss = instance_term + config.prior_weight * prior_term
                 step_prior += prior_term.detach() / config.gradient_accumulation
             loss = loss / config.gradient_accumulation
+            if fused:
+                session.updating()
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.detach()
             step_instance += instance_term.detach() / config.gradient_accumulation
+        session.updating()
         if scaler:
             scaler.unscale_(optimizer)
         if config.max_grad_norm > 0:
@@ -361,12 +427,15 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
             callbacks.on_step(StepInfo(step, config.steps, loss_value, lrs[-1]))
         if callbacks.on_preview and config.preview_every and step % config.preview_every == 0:
             callbacks.on_preview(step, preview(components, method.preview_prompt(config), config, amp_dtype))
+        session.step_finished(step)
+    session.finished()
     unet.eval()
     _text_encoders_train(components, False, False)
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     measured = step_times[1:] or step_times
-    return TrainResult(losses=losses, lrs=lrs, steps=config.steps, seconds_per_step=statistics.median(measured),
+    return TrainResult(losses=losses, lrs=lrs, steps=config.steps,
+                       seconds_per_step=statistics.median(measured) if measured else 0.0,
                        startup_seconds=startup, instance_losses=instance_losses, prior_losses=prior_losses)
 
 

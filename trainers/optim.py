@@ -42,12 +42,15 @@ def fuse_optimizer_into_backward(optimizer: torch.optim.Optimizer, max_grad_norm
     clipped to ``max_grad_norm`` on its own, updated as soon as its gradient is complete, and its gradient freed, so
     a whole set of gradients never exists (for SD1.5's UNet in fp32: 3.4 GB). Each weight gets an optimizer of the
     same kind (``make_optimizer``); ``optimizer`` keeps the groups and the lr schedule, whose current rate each
-    update reads, and its own step then finds no gradient left. Returns the hook handles."""
+    update reads, and its own step then finds no gradient left. Returns the hook handles; the per-weight optimizers
+    are ``optimizer.per_weight_optimizers`` (their moments are what a saved training state must hold)."""
     handles = []
+    optimizer.per_weight_optimizers = []
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             own = make_optimizer([{"params": [parameter], "lr": group["lr"]}])
             own.fused_backward_part = True  # not a training step of its own (bench/_child.py counts steps)
+            optimizer.per_weight_optimizers.append(own)
 
             def update(weight, own=own, group=group) -> None:
                 if max_grad_norm > 0:  # clip_grad_norm_ for one tensor, without its 3x overhead per call

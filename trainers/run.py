@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,8 @@ from .files import output_path, sanitize_name
 from .loop import Callbacks, TrainResult, move_to, train
 from .methods.base import Method
 from .prior import class_images
+from .state import TrainingSession, check_resume, resumable, reuse_view, run_inputs
+from .validation import Validator
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Artifact:
     reused: bool = False
     class_image_dir: Path | None = None
     class_images_generated: int = 0
+    resumed_from: int = 0  # the step a resumed run continued after
+    report: dict = field(default_factory=dict)  # validation: the table and grid files, and the grid image
 
 
 @dataclass
@@ -94,6 +98,17 @@ class Output:
                 continue
         return None
 
+    def resumable(self, inputs: dict) -> Path | None:
+        """A path this output could write whose training state was saved by a run of exactly ``inputs``."""
+        if self.on_collision == "rename":
+            pattern = re.compile(rf"^{re.escape(self.stem)}(_\d+)?\.state$")
+            folders = sorted(p for p in self.folder.glob("*.state") if pattern.match(p.name)) \
+                if self.folder.is_dir() else []
+            candidates = [self.folder / f"{p.name[:-len('.state')]}{self.suffix}" for p in folders]
+        else:
+            candidates = [self.path]
+        return next((path for path in candidates if resumable(path, inputs)), None)
+
     def resolve(self) -> Path:
         """The path to write, or a PersonalizeError when a different file of that name must not be replaced."""
         if self.on_collision == "rename":
@@ -114,7 +129,7 @@ def training_fingerprint(method: Method, config: TrainConfig, images: torch.Tens
     """A hash of every input that shapes the result: the method, every option, the image contents, the captions
     and the base model. Equal fingerprints mean a rerun would train the same thing."""
     digest = hashlib.sha256()
-    digest.update(f"{method.name}|{config!r}|{base_fingerprint}|{captions!r}|{tuple(images.shape)}".encode())
+    digest.update(f"{method.name}|{reuse_view(config)!r}|{base_fingerprint}|{captions!r}|{tuple(images.shape)}".encode())
     digest.update(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:20]
 
@@ -128,9 +143,12 @@ def _captions(images: torch.Tensor, captions: list[str] | None) -> list[str]:
 
 
 def train_or_reuse(base: BaseModel, method: Method, images: torch.Tensor, captions: list[str] | None,
-                   config: TrainConfig, output: Output, **run_options) -> Artifact:
+                   config: TrainConfig, output: Output, *, resume: bool = False, **run_options) -> Artifact:
     """The artifact of training ``method`` on ``images``: an earlier one made from exactly these inputs (same
-    fingerprint), else a new one (``run_options`` as for ``personalize``). The base is loaded only to train."""
+    fingerprint), else a new one (``run_options`` as for ``personalize``). The base is loaded only to train.
+
+    With ``resume``, a training state saved beside the output by a run of the same inputs (``steps`` aside) is
+    continued, and that run's artifact replaced; a state of other inputs at the path to write is refused."""
     captions = _captions(images, captions)
     fingerprint = training_fingerprint(method, config, images, captions, base.fingerprint)
     existing = output.find(fingerprint)
@@ -138,22 +156,36 @@ def train_or_reuse(base: BaseModel, method: Method, images: torch.Tensor, captio
         metadata = read_metadata(existing)
         return Artifact(path=existing, method=method.name, metadata=metadata, reused=True,
                         losses=json.loads(metadata.get("personalize.losses", "[]")))
-    path = output.resolve()  # before loading or training: a refused name fails in seconds
-    return personalize(base.load(), method, images, captions, config, path, fingerprint=fingerprint, **run_options)
+    inputs = run_inputs(method.name, config, images, captions, base.fingerprint)
+    # Before loading or training: a refused name or resume fails in seconds.
+    path = (resume and output.resumable(inputs)) or output.resolve()
+    if resume:
+        check_resume(path, inputs, config.steps)
+    return personalize(base.load(), method, images, captions, config, path, fingerprint=fingerprint,
+                       resume=resume, inputs=inputs, **run_options)
 
 
 def personalize(components: Components, method: Method, images: torch.Tensor, captions: list[str] | None,
                 config: TrainConfig, out_path: str | Path, *, fingerprint: str | None = None,
                 class_cache_dir: str | Path | None = None, device: torch.device | None = None,
-                callbacks: Callbacks | None = None, release_frozen: bool = False) -> Artifact:
+                callbacks: Callbacks | None = None, release_frozen: bool = False, resume: bool = False,
+                dino=None, clip=None, inputs: dict | None = None) -> Artifact:
     """Train ``method`` on ``images`` (a ComfyUI IMAGE batch [B,H,W,3] in 0..1) and write its artifact.
-    ``release_frozen``: the caller discards ``components`` afterwards (see ``loop.train``)."""
+    ``release_frozen``: the caller discards ``components`` afterwards (see ``loop.train``). ``resume`` continues
+    the training state beside ``out_path`` (see ``state``); ``dino`` / ``clip`` (``metrics`` embedders) score
+    the validation samples when ``validate_every`` is set."""
     callbacks = callbacks or Callbacks()
     device = device or resolve_device()
     captions = _captions(images, captions)
+    out_path = Path(out_path)
     pixels = images_to_training_pixels(images, config.resolution)
     if fingerprint is None:
         fingerprint = training_fingerprint(method, config, images, captions, components.fingerprint)
+    inputs = inputs or run_inputs(method.name, config, images, captions, components.fingerprint)
+    session = TrainingSession(out_path, inputs, resume=resume,
+                              validator=Validator.for_run(config, method.preview_prompt(config), images, dino, clip))
+    if resume:
+        check_resume(out_path, inputs, config.steps)
     class_pixels, class_dir, generated = None, None, 0
     if config.prior_preservation:
         move_to(components, device)
@@ -166,8 +198,10 @@ def personalize(components: Components, method: Method, images: torch.Tensor, ca
             components, config, class_cache_dir or default_cache_dir() / "class_images",
             on_progress=progress, should_stop=callbacks.should_stop)
     result = train(components, method, pixels, captions, config, class_pixels=class_pixels, device=device,
-                   callbacks=callbacks, release_frozen=release_frozen)
+                   callbacks=callbacks, release_frozen=release_frozen, session=session)
     result.input_fingerprint = fingerprint
-    path, metadata = method.export(components, config, result, Path(out_path))
+    session.choose(result)
+    path, metadata = method.export(components, config, result, out_path)
     return Artifact(path=path, method=method.name, metadata=metadata, losses=result.losses, result=result,
-                    class_image_dir=class_dir, class_images_generated=generated)
+                    class_image_dir=class_dir, class_images_generated=generated, resumed_from=session.resumed_from,
+                    report=session.write_report(path))

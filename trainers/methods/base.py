@@ -57,7 +57,16 @@ class Method:
     def after_step(self, components: Components, step: int, config: TrainConfig) -> None:
         """Called after each optimizer step (e.g. to stop text-encoder training, or to clamp a norm)."""
 
+    def resumed(self, components: Components, step: int, config: TrainConfig) -> None:
+        """A resume restored the trained weights after ``step``: redo what ``after_step`` changed besides them."""
+
     def export(self, components: Components, config: TrainConfig, result: "TrainResult",
                path: Path) -> tuple[Path, dict[str, str]]:
         """Write the artifact atomically to ``path``; return the path and its metadata."""
         raise NotImplementedError
+
+    def checkpoint(self, components: Components, config: TrainConfig, result: "TrainResult",
+                   path: Path) -> tuple[Path, dict[str, str]]:
+        """Write the artifact of the weights as they are mid-run, leaving training as it was (``export``, unless
+        that changes the components or writes more than the one file)."""
+        return self.export(components, config, result, path)

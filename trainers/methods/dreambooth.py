@@ -120,17 +120,29 @@ class DreamBoothMethod(Method):
 
     def after_step(self, components: Components, step: int, config: DreamBoothConfig) -> None:
         if self.trains_conditioning and step == config.text_encoder_steps:
-            # Grads are already None (zero_grad(set_to_none)); without requires_grad none are made again, and AdamW
-            # skips parameters without a grad, weight decay included. eval() also ends its gradient checkpointing.
-            for _, encoder in components.family.text_encoders(components):
-                encoder.requires_grad_(False)
-                encoder.eval()
+            self._stop_text_encoder_training(components)
+
+    def resumed(self, components: Components, step: int, config: DreamBoothConfig) -> None:
+        if self.trains_conditioning and 0 < config.text_encoder_steps <= step:
+            self._stop_text_encoder_training(components)
+
+    @staticmethod
+    def _stop_text_encoder_training(components: Components) -> None:
+        # Grads are already None (zero_grad(set_to_none)); without requires_grad none are made again, and AdamW
+        # skips parameters without a grad, weight decay included. eval() also ends its gradient checkpointing.
+        for _, encoder in components.family.text_encoders(components):
+            encoder.requires_grad_(False)
+            encoder.eval()
 
     def export(self, components: Components, config: DreamBoothConfig, result: TrainResult,
                path: Path) -> tuple[Path, dict[str, str]]:
-        metadata = dreambooth_metadata(components, config, result, path)
         if self.diffusers_out:
             save_diffusers_atomic(components, self.diffusers_out)
+        return self.checkpoint(components, config, result, path)
+
+    def checkpoint(self, components: Components, config: DreamBoothConfig, result: TrainResult,
+                   path: Path) -> tuple[Path, dict[str, str]]:
+        metadata = dreambooth_metadata(components, config, result, path)
         return save_single_file(components, path, SAVE_DTYPES[config.save_precision], metadata), metadata
 
 

@@ -200,13 +200,17 @@ class EmbeddingMethod(Method):
 
     def export(self, components: Components, config: EmbeddingConfig, result: TrainResult,
                path: Path) -> tuple[Path, dict[str, str]]:
-        tensors = {}
+        written = self.checkpoint(components, config, result, path)
         for slot, spliced, _ in self.splices:
-            tensors[slot.embedding_key] = spliced.vectors.detach().float().cpu()
             # From here on the components are the base model with this embedding loaded, as load_embedding gives it.
             encoder = getattr(components, slot.encoder)
             encoder.set_input_embeddings(spliced.folded())
             encoder.config.vocab_size = encoder.get_input_embeddings().num_embeddings
+        return written
+
+    def checkpoint(self, components: Components, config: EmbeddingConfig, result: TrainResult,
+                   path: Path) -> tuple[Path, dict[str, str]]:
+        tensors = {slot.embedding_key: spliced.vectors.detach().float().cpu() for slot, spliced, _ in self.splices}
         metadata = embedding_metadata(components, config, result, path)
         return save_safetensors(tensors, path, metadata), metadata
 
