@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, TrainingCancelled):
-        print("cancelled: nothing was written", file=sys.stderr)
+        print("cancelled: no artifact was written", file=sys.stderr)
         return 130
     result = dict(result, seconds=round(time.perf_counter() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
     if args.json:

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..trainers.config import TrainConfig
 from ..trainers.data import load_subject_folder
 from ..trainers.device import resolve_device
-from ..trainers.errors import PersonalizeError
+from ..trainers import metrics
+from ..trainers.errors import PersonalizeError, TrainingCancelled
 from ..trainers.loop import Callbacks
 from ..trainers.methods.base import Method
 from ..trainers.methods.dreambooth import DreamBoothConfig, DreamBoothMethod, check_device
@@ -17,6 +21,7 @@ from ..trainers.methods.embedding import EmbeddingConfig, EmbeddingMethod
 from ..trainers.methods.lora import LoRAConfig, LoRAMethod
 from ..trainers.models import load_base
 from ..trainers.run import BaseModel, Output, default_cache_dir, train_or_reuse
+from ..trainers.state import state_folder
 from .command import Command
 
 
@@ -34,6 +39,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "single-file --base; default: a 'tokenizer' folder beside it")
     parser.add_argument("--class-cache", default=None, help="folder for generated class images "
                         f"(default: {default_cache_dir() / 'class_images'})")
+    parser.add_argument("--resume", action="store_true", help="continue the training state saved beside --out "
+                        "(<out>.state/, written every --save-every steps and on Ctrl-C/SIGTERM) by a run of the same "
+                        "inputs; --steps stays the total, so a larger one continues a finished run")
+    parser.add_argument("--dino-model", default=None, help="DINO ViT-S/16 (facebook/dino-vits16 folder, or "
+                        f"{metrics.DINO_PTH_NAME}) that scores the validation samples (--validate-every)")
+    parser.add_argument("--clip-model", default=None, help="Hugging Face CLIP folder for CLIP-I and CLIP-T of the "
+                        "validation samples")
 
 
 def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) -> dict:
@@ -42,13 +54,33 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
         raise PersonalizeError(f"--out {out} is the base model itself; write the result to another file")
     device = resolve_device(args.device)
     subject = load_subject_folder(args.images, resolution=config.resolution)
+    dino = metrics.load_dino(args.dino_model, device) if args.dino_model else None
+    clip = metrics.load_clip(args.clip_model, device) if args.clip_model else None
     base = BaseModel.loaded(load_base(args.base, tokenizer_dir=args.tokenizer))
-    artifact = train_or_reuse(base, method, subject.images, subject.captions, config,
-                              Output.file(out, overwrite=args.overwrite), class_cache_dir=args.class_cache,
-                              device=device, callbacks=terminal_callbacks(), release_frozen=True)
+    stop = {"requested": False}
+    try:
+        with stop_on_signals(stop):
+            artifact = train_or_reuse(base, method, subject.images, subject.captions, config,
+                                      Output.file(out, overwrite=args.overwrite), class_cache_dir=args.class_cache,
+                                      device=device, callbacks=terminal_callbacks(lambda: stop["requested"]),
+                                      release_frozen=True, resume=args.resume, dino=dino, clip=clip)
+    except (TrainingCancelled, KeyboardInterrupt):
+        folder = state_folder(out)
+        if folder.is_dir():
+            print(f"the training state is in {folder}: the same command with --resume continues it", file=sys.stderr)
+        raise
     result = artifact.result
     tail = artifact.losses[-10:]
+    validation = result.validation if result else _stored_validation(artifact.metadata)
+    if validation:
+        print_validation_table(validation, artifact.metadata.get("personalize.selection", ""))
     return {"output": str(artifact.path), "method": artifact.method, "reused": artifact.reused,
+            "resumed_from": artifact.resumed_from, "validation": validation,
+            "best_step": int(artifact.metadata["personalize.best_step"]) if validation else None,
+            "selection": artifact.metadata.get("personalize.selection"),
+            "training_seconds": round(result.training_seconds, 3) if result else None,
+            "validation_seconds": round(result.validation_seconds, 3) if result else None,
+            "validation_grid": str(artifact.report["grid_path"]) if artifact.report else None,
             "steps": result.steps if result else len(artifact.losses),
             "final_loss": round(sum(tail) / len(tail), 6) if tail else None,
             "seconds_per_step": round(result.seconds_per_step, 4) if result else None,
@@ -57,14 +89,50 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
             "class_images_generated": artifact.class_images_generated, "warnings": subject.warnings}
 
 
-def terminal_callbacks() -> Callbacks:
-    """A tqdm bar on stderr; Ctrl-C ends the run through KeyboardInterrupt (nothing is written)."""
+def _stored_validation(metadata: dict) -> list[dict]:
+    import json
+
+    return json.loads(metadata.get("personalize.validation", "[]"))
+
+
+def print_validation_table(rows: list[dict], selection: str) -> None:
+    columns = [c for c in ("dino", "clip_i", "clip_t", "pres", "div", "seconds") if any(c in r for r in rows)]
+    print("validation:", file=sys.stderr)
+    print("  " + "".join(f"{c:>10}" for c in ["step", *columns]), file=sys.stderr)
+    for row in rows:
+        cells = "".join(f"{row[c]:>10.4f}" if c in row else f"{'-':>10}" for c in columns)
+        print(f"  {row['step']:>10}{cells}", file=sys.stderr)
+    if selection:
+        print(f"result: {selection}", file=sys.stderr)
+
+
+@contextmanager
+def stop_on_signals(stop: dict):
+    """Ctrl-C and SIGTERM ask the loop to stop at its next check (it then saves the training state); a second
+    Ctrl-C interrupts at once."""
+    def request(signum, _frame) -> None:
+        if stop["requested"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nstopping: saving the training state (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def terminal_callbacks(should_stop=None) -> Callbacks:
+    """A tqdm bar on stderr, and a line per validation."""
     from tqdm import tqdm
 
     bars: dict[str, tqdm] = {}
 
     def on_step(info) -> None:
-        bar = bars.get("train") or bars.setdefault("train", tqdm(total=info.total, desc="training", unit="step"))
+        bar = bars.get("train") or bars.setdefault("train", tqdm(total=info.total, initial=info.step - 1,
+                                                                 desc="training", unit="step"))
         bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
         bar.update(1)
         if info.step == info.total:
@@ -77,7 +145,12 @@ def terminal_callbacks() -> Callbacks:
         if done >= total:
             bar.close()
 
-    return Callbacks(on_step=on_step, on_prepare=on_prepare)
+    def on_validation(row: dict, _samples) -> None:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "best_step", "seconds"))
+        tqdm.write(f"validation at step {row['step']}: {scores or 'samples only (no DINO/CLIP model)'}",
+                   file=sys.stderr)
+
+    return Callbacks(on_step=on_step, on_prepare=on_prepare, on_validation=on_validation, should_stop=should_stop)
 
 
 def _add_dreambooth_arguments(parser) -> None:

@@ -5,12 +5,14 @@ ComfyUI modules are imported inside the functions, so this module (and the pack)
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..trainers import metrics
 from ..trainers.components import fingerprint_state_dict
 from ..trainers.device import free_memory
 from ..trainers.errors import TrainingCancelled
@@ -20,6 +22,7 @@ from ..trainers.methods.base import Method
 from ..trainers.run import BaseModel, Output, train_or_reuse
 
 LOSS_EVENT = "personalize.loss"
+VALIDATION_EVENT = "personalize.validation"
 
 
 def comfy_tokenizer_dir(family) -> Path:
@@ -81,8 +84,13 @@ def comfy_callbacks(node_id: str | None, total: int) -> Callbacks:
     def on_prepare(done: int, count: int, what: str) -> None:
         bar.update_absolute(done, count)
 
+    def on_validation(row: dict, samples) -> None:
+        bar.update_absolute(row["step"], total, ("JPEG", samples, 512))
+        if server.client_id is not None:
+            server.send_sync(VALIDATION_EVENT, {"node": node_id, "total": total, **row}, server.client_id)
+
     # The bar's hook is throttled, so it may skip its own interrupt check: ask every step.
-    return Callbacks(on_step=on_step, on_preview=on_preview, on_prepare=on_prepare,
+    return Callbacks(on_step=on_step, on_preview=on_preview, on_prepare=on_prepare, on_validation=on_validation,
                      should_stop=comfy.model_management.processing_interrupted)
 
 
@@ -95,12 +103,34 @@ class TrainedArtifact:
     metadata: dict[str, str]
     losses: list[float] = field(default_factory=list)
     reused: bool = False
+    validation: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    selection: str = ""
+    grid: object = None  # PIL image of the validation samples, rows = steps
+
+
+def validation_models(dino_model: str | None, clip_model: str | None, device):
+    """The DINO and CLIP embedders a trainer node's combos name (None for '(none)')."""
+    import folder_paths
+
+    from .dino_score import AUTO, NO_CLIP, resolve_model
+
+    dino = None
+    if dino_model and dino_model != "(none)":
+        path = (metrics.find_dino_model(folder_paths.get_folder_paths("dino")) if dino_model == AUTO
+                else resolve_model("dino", dino_model))
+        dino = metrics.load_dino(path, device)
+    clip = metrics.load_clip(resolve_model("clip_vision", clip_model), device) \
+        if clip_model and clip_model != NO_CLIP else None
+    return dino, clip
 
 
 def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tensor, captions: list[str] | None,
                    *, folder_kind: str, name: str, suffix: str, overwrite: bool, node_id: str | None,
-                   rename_on_collision: bool = True) -> TrainedArtifact:
-    """Run (or reuse) a training for a node: the same inputs give the same file, also after a restart.
+                   rename_on_collision: bool = True, resume: bool = True, dino_model: str | None = None,
+                   clip_model: str | None = None) -> TrainedArtifact:
+    """Run (or reuse) a training for a node: the same inputs give the same file, also after a restart; with
+    ``resume``, a cancelled run of the same inputs continues where it stopped.
 
     A different file of the same name gets a ``_1``, ``_2``… suffix, unless ``rename_on_collision`` is off (an
     embedding's file name is the word used in prompts): then it is an error, or replaced with ``overwrite``.
@@ -111,6 +141,8 @@ def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tenso
     folder = model_folder(folder_kind)
     on_collision = "overwrite" if overwrite else ("rename" if rename_on_collision else "refuse")
     output = Output.named(folder, name, suffix, on_collision)
+    dino, clip_embedder = validation_models(dino_model, clip_model, training_device()) if config.validate_every \
+        else (None, None)
     with torch.inference_mode(False):
         held = {"state_dict": comfy_state_dict(model, clip, vae)}
 
@@ -125,7 +157,8 @@ def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tenso
             artifact = train_or_reuse(
                 base, method, images, captions, config, output,
                 class_cache_dir=Path(folder_paths.get_output_directory()) / "personalize_class_images",
-                device=training_device(), callbacks=comfy_callbacks(node_id, config.steps), release_frozen=True)
+                device=training_device(), callbacks=comfy_callbacks(node_id, config.steps), release_frozen=True,
+                resume=resume, dino=dino, clip=clip_embedder)
         except TrainingCancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise
@@ -133,9 +166,22 @@ def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tenso
             held.clear()
             free_memory()
             comfy.model_management.soft_empty_cache()
+    metadata = artifact.metadata
+    validation = json.loads(metadata.get("personalize.validation", "[]"))
+    grid_path = artifact.path.with_name(f"{artifact.path.stem}.validation.png")
+    grid = artifact.report.get("grid") or (_read_image(grid_path) if validation and grid_path.is_file() else None)
     return TrainedArtifact(path=artifact.path, name=os.path.relpath(artifact.path, folder).replace(os.sep, "/"),
-                           method=artifact.method, metadata=artifact.metadata, losses=list(artifact.losses),
-                           reused=artifact.reused)
+                           method=artifact.method, metadata=metadata, losses=list(artifact.losses),
+                           reused=artifact.reused, validation=validation,
+                           best_step=int(metadata["personalize.best_step"]) if validation else None,
+                           selection=metadata.get("personalize.selection", ""), grid=grid)
+
+
+def _read_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def _base_name(model) -> str:

@@ -25,15 +25,15 @@ def _entries(kind: str, accept) -> list[str]:
     return found
 
 
-def _dino_choices() -> list[str]:
+def dino_choices() -> list[str]:
     return [AUTO] + _entries("dino", lambda p: p.suffix == ".pth" or (p / "config.json").is_file())
 
 
-def _clip_choices() -> list[str]:
+def clip_choices() -> list[str]:
     return [NO_CLIP] + _entries("clip_vision", lambda p: (p / "config.json").is_file())
 
 
-def _resolve(kind: str, name: str) -> Path:
+def resolve_model(kind: str, name: str) -> Path:
     import folder_paths
 
     for folder in folder_paths.get_folder_paths(kind):
@@ -56,12 +56,12 @@ class DINOScore(io.ComfyNode):
             inputs=[
                 io.Image.Input("generated", tooltip="images sampled with the personalized model"),
                 io.Image.Input("reference", tooltip="the real subject photos"),
-                io.Combo.Input("dino_model", options=_dino_choices(), tooltip="facebook/dino-vits16 (folder) or "
+                io.Combo.Input("dino_model", options=dino_choices(), tooltip="facebook/dino-vits16 (folder) or "
                                "dino_deitsmall16_pretrain.pth in models/dino"),
                 io.Int.Input("batch_size", default=8, min=1, max=256, step=1, advanced=True),
                 io.Image.Input("class_generated", optional=True, tooltip="samples of the class prompt ('a dog'): "
                                "gives PRES, lower is better"),
-                io.Combo.Input("clip_model", options=_clip_choices(), optional=True, tooltip="a Hugging Face CLIP "
+                io.Combo.Input("clip_model", options=clip_choices(), optional=True, tooltip="a Hugging Face CLIP "
                                "folder in models/clip_vision: gives CLIP-I, and CLIP-T with a prompt"),
                 io.String.Input("prompt", optional=True, default="", tooltip="the prompt of the generated images "
                                 "(CLIP-T)"),
@@ -79,7 +79,7 @@ class DINOScore(io.ComfyNode):
 
         device = comfy.model_management.get_torch_device()
         path = (metrics.find_dino_model(folder_paths.get_folder_paths("dino")) if dino_model == AUTO
-                else _resolve("dino", dino_model))
+                else resolve_model("dino", dino_model))
         dino = metrics.load_dino(path, device)
         results = [metrics.dino_score(dino, generated, reference, batch_size)]
         if class_generated is not None:
@@ -87,7 +87,7 @@ class DINOScore(io.ComfyNode):
         if generated.shape[0] > 1:
             results.append(metrics.div_score(dino, generated, batch_size))
         if clip_model and clip_model != NO_CLIP:
-            clip = metrics.load_clip(_resolve("clip_vision", clip_model), device)
+            clip = metrics.load_clip(resolve_model("clip_vision", clip_model), device)
             results.append(metrics.clip_i_score(clip, generated, reference, batch_size))
             if prompt.strip():
                 results.append(metrics.clip_t_score(clip, generated, prompt, batch_size))

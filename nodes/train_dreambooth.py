@@ -9,7 +9,8 @@ from ..trainers.methods.dreambooth import DreamBoothConfig, DreamBoothMethod, ch
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy, training_device
 from .schema import config_from_inputs, option_inputs
-from .trainer_node import caption_lines, trainer_inputs, training_ui
+from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, trainer_inputs, training_ui, \
+    validation_grid_output
 
 
 class TrainDreamBooth(io.ComfyNode):
@@ -27,13 +28,14 @@ class TrainDreamBooth(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.Vae.Output(display_name="vae"),
                      io.String.Output(display_name="ckpt_name", tooltip="file name inside models/checkpoints"),
-                     io.Image.Output(display_name="loss_curve")],
+                     io.Image.Output(display_name="loss_curve"), VALIDATION_GRID_OUTPUT],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, model, clip, vae, images, name, overwrite, captions=None, **options) -> io.NodeOutput:
+        steering = run_inputs(options)
         import comfy.sd
         import folder_paths
 
@@ -41,11 +43,12 @@ class TrainDreamBooth(io.ComfyNode):
         check_device(config, training_device())
         artifact = train_in_comfy(DreamBoothMethod(config), config, model, clip, vae, images,
                                   caption_lines(captions, images.shape[0]), folder_kind="checkpoints", name=name,
-                                  suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id)
+                                  suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id, **steering)
         # The same loader as CheckpointLoaderSimple, so the graph samples with exactly what a user would load.
         trained_model, trained_clip, trained_vae, _ = comfy.sd.load_checkpoint_guess_config(
             str(artifact.path), output_vae=True, output_clip=True,
             embedding_directory=folder_paths.get_folder_paths("embeddings"))
         curve = pil_to_image_batch([loss_curve_image(artifact.losses, "DreamBooth loss")])
         return io.NodeOutput(trained_model, trained_clip, trained_vae, artifact.name, curve,
+                             validation_grid_output(artifact),
                              ui=training_ui(artifact, "DreamBooth"))

@@ -8,7 +8,8 @@ from ..trainers.methods.lora import LoRAConfig, LoRAMethod
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy
 from .schema import config_from_inputs, option_inputs
-from .trainer_node import caption_lines, trainer_inputs, training_ui
+from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, trainer_inputs, training_ui, \
+    validation_grid_output
 from .types import LoRAArtifact
 
 
@@ -24,16 +25,19 @@ class TrainLoRA(io.ComfyNode):
             inputs=trainer_inputs("my_subject_lora") + option_inputs(LoRAConfig),
             outputs=[LoRAArtifact.Output(display_name="lora"),
                      io.Image.Output(display_name="loss_curve"),
-                     io.String.Output(display_name="lora_name", tooltip="file name inside models/loras")],
+                     io.String.Output(display_name="lora_name", tooltip="file name inside models/loras"),
+                     VALIDATION_GRID_OUTPUT],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, model, clip, vae, images, name, overwrite, captions=None, **options) -> io.NodeOutput:
+        steering = run_inputs(options)
         config = config_from_inputs(LoRAConfig, options)
         artifact = train_in_comfy(LoRAMethod(config), config, model, clip, vae, images,
                                   caption_lines(captions, images.shape[0]), folder_kind="loras", name=name,
-                                  suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id)
+                                  suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id, **steering)
         curve = pil_to_image_batch([loss_curve_image(artifact.losses, "LoRA loss")])
-        return io.NodeOutput(artifact, curve, artifact.name, ui=training_ui(artifact, "LoRA"))
+        return io.NodeOutput(artifact, curve, artifact.name, validation_grid_output(artifact),
+                             ui=training_ui(artifact, "LoRA"))

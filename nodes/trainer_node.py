@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .dino_score import clip_choices, dino_choices
+
+NO_DINO = "(none)"
+RUN_INPUTS = ("resume", "dino_model", "clip_model")
+VALIDATION_GRID_OUTPUT = io.Image.Output(display_name="validation_grid", tooltip="the validation samples, one row "
+                                         "per validated step, the chosen step marked")
+
 
 def trainer_inputs(default_name: str) -> list[io.Input]:
-    """The inputs every trainer node starts with: the base model, the photos, and where the result goes."""
+    """The inputs every trainer node starts with: the base model, the photos, where the result goes, resume, and
+    the models that score validation."""
     return [
         io.Model.Input("model", tooltip="the base model to personalize (any SD1.x loader)"),
         io.Clip.Input("clip"),
@@ -18,7 +26,20 @@ def trainer_inputs(default_name: str) -> list[io.Input]:
         io.String.Input("captions", optional=True, force_input=True, multiline=True,
                         tooltip="one caption per line and image (LoadSubjectImages' captions), appended to the "
                         "prompt"),
+        io.Boolean.Input("resume", default=True, tooltip="continue the training state a cancelled (or finished) "
+                         "run of the same inputs saved beside the file, instead of starting over; steps stays the "
+                         "total"),
+        io.Combo.Input("dino_model", options=[NO_DINO] + dino_choices(), default=NO_DINO, optional=True,
+                       tooltip="DINO ViT-S/16 in models/dino that scores the validation samples (validate_every) "
+                       "and picks the best step (select_best)"),
+        io.Combo.Input("clip_model", options=clip_choices(), optional=True, tooltip="a Hugging Face CLIP folder "
+                       "in models/clip_vision: CLIP-I and CLIP-T of the validation samples"),
     ]
+
+
+def run_inputs(options: dict) -> dict:
+    """Take the inputs that steer the run, not the training, out of a node's options."""
+    return {name: options.pop(name) for name in RUN_INPUTS if name in options}
 
 
 def caption_lines(captions: str | None, count: int) -> list[str] | None:
@@ -35,4 +56,21 @@ def training_ui(artifact, what: str) -> dict:
     else:
         final = sum(artifact.losses[-10:]) / max(len(artifact.losses[-10:]), 1)
         report = f"{what} {artifact.name}: {len(artifact.losses)} steps, final loss {final:.4f}"
-    return {"text": [report], "personalize_loss": list(artifact.losses)}
+    if artifact.selection:
+        report += f"\nresult: {artifact.selection}"
+    return {"text": [report], "personalize_loss": list(artifact.losses),
+            "personalize_validation": list(artifact.validation),
+            "personalize_best_step": [artifact.best_step] if artifact.best_step is not None else []}
+
+
+def validation_grid_output(artifact):
+    """The node's IMAGE of the validation samples (rows = steps), or a note that there was no validation."""
+    from PIL import Image, ImageDraw
+
+    from ..trainers.report import pil_to_image_batch
+
+    grid = artifact.grid
+    if grid is None:
+        grid = Image.new("RGB", (320, 48), (255, 255, 255))
+        ImageDraw.Draw(grid).text((8, 16), "no validation (validate_every 0)", fill=(90, 90, 90))
+    return pil_to_image_batch([grid])

@@ -104,6 +104,7 @@ class TrainResult:
     startup_seconds: float
     instance_losses: list[float] = field(default_factory=list)
     prior_losses: list[float] = field(default_factory=list)
+    training_seconds: float = 0.0  # the steps this call ran (not startup, checkpoints or validation)
     # Set by run.personalize: the hash of every training input, stored in the artifact for reuse.
     input_fingerprint: str = ""
     # Set by state.TrainingSession when validation ran: the per-step table, the step exported and why.
@@ -436,7 +437,8 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
     measured = step_times[1:] or step_times
     return TrainResult(losses=losses, lrs=lrs, steps=config.steps,
                        seconds_per_step=statistics.median(measured) if measured else 0.0,
-                       startup_seconds=startup, instance_losses=instance_losses, prior_losses=prior_losses)
+                       startup_seconds=startup, instance_losses=instance_losses, prior_losses=prior_losses,
+                       training_seconds=sum(step_times))
 
 
 def preview(components: Components, prompt: str, config: TrainConfig, amp_dtype: torch.dtype | None) -> Image.Image:
