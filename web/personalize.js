@@ -4,6 +4,8 @@
 //
 // Events (sent by nodes/bridge.py to the client that queued the prompt):
 //   personalize.loss     {node: "<node id>", step, total, loss, lr}
+//   personalize.validation {node: "<node id>", step, total, dino?, clip_i?, clip_t?, pres?, div?, seconds,
+//                           best_step}                                 (a trainer's validation, every N steps)
 //   personalize.metrics  {node: "<node id>", metrics: {dino, pairs, ...}}        (optional)
 // and ComfyUI's own: execution_start, executed {node, display_node, output}, execution_error, execution_interrupted.
 //
@@ -15,6 +17,9 @@ import { api } from "../../scripts/api.js";
 
 const EXTENSION = "personalize.training";
 const LOSS_EVENT = "personalize.loss";
+const VALIDATION_EVENT = "personalize.validation";
+// The metric drawn beside the loss: the first of these a validation row has.
+const CURVE_METRICS = [["dino", "DINO"], ["clip_t", "CLIP-T"], ["clip_i", "CLIP-I"]];
 const METRICS_EVENT = "personalize.metrics";
 const TRAINERS = new Set(["TrainLoRA", "TrainDreamBooth", "TrainEmbedding"]);
 const METRIC_NODES = new Set(["DINOScore"]);
@@ -33,7 +38,7 @@ const widgetsByNode = new Map(); // node id string -> Set of redraw functions
 
 function newRun() {
     return { steps: [], losses: [], smooth: [], ema: 0, emaWeight: 0, beta: 0.9, total: 0, lr: null,
-             status: "idle", stale: false, report: "", every: 1, skip: 0 };
+             status: "idle", stale: false, report: "", every: 1, skip: 0, validation: [], bestStep: null };
 }
 
 function runFor(id) {
@@ -98,6 +103,24 @@ function setLosses(id, losses) {
     runs.set(id, newRun());
     losses.forEach((loss, i) => addLoss(id, { step: i + 1, total: losses.length, loss }));
     runs.get(id).status = "done";
+}
+
+function addValidation(id, row) {
+    // A validation row of the running trainer (its loss events came first, so its run exists and is current).
+    const step = Number(row.step);
+    if (!Number.isFinite(step)) return null;
+    const run = runFor(id);
+    run.validation = run.validation.filter((r) => r.step !== step).concat([{ ...row, step }]);
+    run.validation.sort((a, b) => a.step - b.step);
+    if (row.best_step !== undefined && row.best_step !== null) run.bestStep = Number(row.best_step);
+    return run;
+}
+
+function curveMetric(run) {
+    for (const [key, label] of CURVE_METRICS) {
+        if (run.validation.some((r) => Number.isFinite(r[key]))) return [key, label];
+    }
+    return null;
 }
 
 function redraw(id) {
@@ -299,6 +322,7 @@ function drawChart(canvas, id) {
         else ctx.lineTo(x, y);
     }
     ctx.stroke();
+    drawValidation(ctx, run, xOf, left, right, top, bottom, dim);
     ctx.restore();
 
     // Legend.
@@ -309,6 +333,51 @@ function drawChart(canvas, id) {
     ctx.fillText("— smoothed", right - 4, top + 3);
     ctx.fillStyle = rawColor;
     ctx.fillText("— raw", right - 70, top + 3);
+}
+
+const VALIDATION_COLOR = "#5fd38d";
+const BEST_COLOR = "#ffd166";
+
+function drawValidation(ctx, run, xOf, left, right, top, bottom, dim) {
+    // The validation metric on its own scale (labelled at the right edge), and the chosen step as a dashed line.
+    const metric = curveMetric(run);
+    if (metric) {
+        const [key, label] = metric;
+        const points = run.validation.filter((r) => Number.isFinite(r[key]));
+        let [lo, hi] = niceRange(Math.min(...points.map((r) => r[key])), Math.max(...points.map((r) => r[key])));
+        const yOf = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - top);
+        ctx.strokeStyle = VALIDATION_COLOR;
+        ctx.fillStyle = VALIDATION_COLOR;
+        ctx.lineWidth = 2;
+        ctx.beginPath();
+        points.forEach((r, i) => (i === 0 ? ctx.moveTo(xOf(r.step), yOf(r[key])) : ctx.lineTo(xOf(r.step), yOf(r[key]))));
+        ctx.stroke();
+        for (const r of points) ctx.fillRect(xOf(r.step) - 2.5, yOf(r[key]) - 2.5, 5, 5);
+        ctx.font = "10px sans-serif";
+        ctx.textAlign = "right";
+        ctx.textBaseline = "middle";
+        ctx.fillText(axisLabel(hi), right - 2, top + 18);
+        ctx.fillText(axisLabel(lo), right - 2, bottom - 6);
+        ctx.textBaseline = "top";
+        ctx.fillText(`— ${label}`, right - 130, top + 3);
+    }
+    if (run.bestStep !== null && Number.isFinite(run.bestStep)) {
+        const x = Math.round(xOf(run.bestStep)) + 0.5;
+        ctx.strokeStyle = BEST_COLOR;
+        ctx.lineWidth = 1;
+        ctx.setLineDash([4, 3]);
+        ctx.beginPath();
+        ctx.moveTo(x, top);
+        ctx.lineTo(x, bottom);
+        ctx.stroke();
+        ctx.setLineDash([]);
+        ctx.fillStyle = BEST_COLOR;
+        ctx.font = "10px sans-serif";
+        ctx.textAlign = x > (left + right) / 2 ? "right" : "left";
+        ctx.textBaseline = "bottom";
+        ctx.fillText(`best ${run.bestStep}`, x + (ctx.textAlign === "left" ? 3 : -3), bottom - 2);
+    }
+    ctx.fillStyle = dim;
 }
 
 // --- widgets ----------------------------------------------------------------------------------------------------
@@ -513,6 +582,14 @@ function onLoss(detail) {
     redraw(id);
 }
 
+function onValidation(detail) {
+    if (detail.node === undefined || detail.node === null) return;
+    const id = String(detail.node);
+    if (!addValidation(id, detail)) return;
+    if (!widgetsByNode.get(id)?.size) ensureChart(id);
+    redraw(id);
+}
+
 function onMetrics(detail) {
     if (detail.node === undefined || detail.node === null) return;
     const id = String(detail.node);
@@ -541,6 +618,13 @@ function onExecuted(detail) {
         const run = runFor(id);
         if (Array.isArray(history) && history.length && (run.stale || run.steps.length === 0)) setLosses(id, history.map(Number));
         const current = runFor(id);
+        const table = output.personalize_validation;
+        if (Array.isArray(table) && table.length) {
+            current.validation = [];
+            table.forEach((row) => addValidation(id, row));
+        }
+        const best = Array.isArray(output.personalize_best_step) ? output.personalize_best_step[0] : null;
+        if (best !== undefined && best !== null) current.bestStep = Number(best);
         current.report = text;
         if (current.status === "running" || current.stale) current.status = "done";
         current.stale = false;
@@ -581,6 +665,7 @@ app.registerExtension({
         // (an unregistered custom type is logged as "Unhandled message").
         api.addEventListener(LOSS_EVENT, safely(LOSS_EVENT, onLoss));
         api.addEventListener(METRICS_EVENT, safely(METRICS_EVENT, onMetrics));
+        api.addEventListener(VALIDATION_EVENT, safely(VALIDATION_EVENT, onValidation));
         api.addEventListener("executed", safely("executed", onExecuted));
         api.addEventListener("execution_start", safely("execution_start", onExecutionStart));
         api.addEventListener("execution_error", safely("execution_error", onStopped("error")));
@@ -600,4 +685,5 @@ app.registerExtension({
 });
 
 // For tests and debugging only (not an API): the state the widgets draw.
-window.personalizeExtension = Object.freeze({ name: EXTENSION, runs, metricsByNode, LOSS_EVENT, METRICS_EVENT });
+window.personalizeExtension = Object.freeze({ name: EXTENSION, runs, metricsByNode, LOSS_EVENT, METRICS_EVENT,
+                                             VALIDATION_EVENT });
