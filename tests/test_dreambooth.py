@@ -229,7 +229,7 @@ def test_class_images_are_generated_once_and_reused(tiny_model, subject_images, 
     assert len(first.result.prior_losses) == 1
 
 
-def test_cancel_writes_nothing(components, subject_images, tmp_path):
+def test_cancel_writes_no_artifact_only_the_training_state(components, subject_images, tmp_path):
     steps = []
     callbacks = loop.Callbacks(on_step=lambda info: steps.append(info.step), should_stop=lambda: len(steps) >= 2)
     cfg = config(steps=10)
@@ -237,7 +237,7 @@ def test_cancel_writes_nothing(components, subject_images, tmp_path):
         run.personalize(components, dreambooth.DreamBoothMethod(cfg, tmp_path / "folder"), subject_images, None, cfg,
                         tmp_path / "out" / "dog.safetensors", device=CPU, callbacks=callbacks)
     assert steps == [1, 2]
-    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "dog.state"]
     assert not (tmp_path / "folder").exists()
 
 

@@ -217,7 +217,7 @@ def test_prior_preservation_generates_class_images_once_then_reuses_them(tiny_mo
     assert more.class_images_generated == 1, "only the missing image is generated"
 
 
-def test_cancel_stops_within_one_step_and_writes_nothing(components, subject_images, tmp_path):
+def test_cancel_stops_within_one_step_and_writes_only_the_training_state(components, subject_images, tmp_path):
     steps_seen = []
     callbacks = loop.Callbacks(on_step=lambda info: steps_seen.append(info.step),
                                should_stop=lambda: len(steps_seen) >= 3)
@@ -225,7 +225,8 @@ def test_cancel_stops_within_one_step_and_writes_nothing(components, subject_ima
     with pytest.raises(errors.TrainingCancelled):
         train(components, subject_images, out, callbacks=callbacks, steps=50)
     assert steps_seen == [1, 2, 3]
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [tmp_path / "cancelled.state"]  # what a resume continues from
+    assert [p.name for p in (tmp_path / "cancelled.state").iterdir()] == ["step-000003"]
 
 
 def test_a_diverging_loss_stops_with_a_clear_error_and_no_file(components, subject_images, tmp_path):

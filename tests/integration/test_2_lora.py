@@ -84,7 +84,7 @@ def test_unchanged_graph_is_served_from_cache(lora_run, client, base_dir):
     assert base_dir.files(base_dir.loras) == lora_run["after"]
 
 
-def test_interrupt_during_training_stops_quickly_and_writes_nothing(server, client, base_dir, unique):
+def test_interrupt_during_training_stops_quickly_and_a_requeue_resumes(server, client, base_dir, unique):
     name = f"it_interrupt_{unique}"
     graph = {key: node for key, node in lora_graph(name, prefix="unused", steps=500).items() if key in ("1", "2", "3")}
     before = base_dir.files(base_dir.models)
@@ -92,19 +92,19 @@ def test_interrupt_during_training_stops_quickly_and_writes_nothing(server, clie
     started = time.perf_counter()
     with client.listen(client_id) as ws:
         prompt_id = client.queue(graph, client_id)
-        first = ws.wait_for(lambda e: e.get("type") == "progress" and e["data"].get("node") == TRAINER
-                            and e["data"].get("prompt_id") == prompt_id, timeout=600,
-                            what=f"first progress event of node {TRAINER}")
-        record("interrupt graph: queue → first training progress event", time.perf_counter() - started)
+        first = ws.wait_for(lambda e: e.get("type") == "personalize.loss" and e["data"].get("node") == TRAINER
+                            and e["data"].get("step", 0) >= 2, timeout=600,
+                            what=f"the second training step of node {TRAINER}")
+        record("interrupt graph: queue → second training step", time.perf_counter() - started)
         asked = time.perf_counter()
         client.interrupt(prompt_id)
         end = ws.wait_for(lambda e: e.get("type") in ("execution_interrupted", "execution_error", "execution_success")
                           and e["data"].get("prompt_id") == prompt_id, timeout=120, what="end of the prompt")
         latency = time.perf_counter() - asked
-        record("interrupt → execution_interrupted", latency)
+        record("interrupt → execution_interrupted (the training state saved)", latency)
         steps_done = [e["data"]["step"] for e in ws.events if e.get("type") == "personalize.loss"
                       and e["data"].get("node") == TRAINER]
-    assert first["data"]["max"] == 500
+    assert first["data"]["total"] == 500
     assert end["type"] == "execution_interrupted", end
     assert latency < 30, f"the interrupt took {latency:.1f} s (steps done: {steps_done})"
     assert max(steps_done or [0]) < 500
@@ -112,15 +112,22 @@ def test_interrupt_during_training_stops_quickly_and_writes_nothing(server, clie
     assert history["status"]["status_str"] == "error" and not history["status"]["completed"], history["status"]
     assert "execution_interrupted" in [name for name, _ in history["status"]["messages"]], history["status"]
     assert "Processing interrupted" in server.log_text()
-    # No artifact and no temp file anywhere under models/.
-    assert base_dir.files(base_dir.models) == before, base_dir.files(base_dir.models) - before
+    # No artifact and no temp file anywhere under models/: only the training state a re-queue continues from.
+    new = base_dir.files(base_dir.models) - before
+    state = f"loras/{name}.state/"
+    assert new and all(path.startswith(state) and "/." not in path for path in new), new
+    saved = max(int(path[len(state):].split("/")[0].split("-")[1]) for path in new)
+    assert saved >= 1
 
-    # The server still works: a small prompt runs to success.
-    small = {"1": {"class_type": "LoadSubjectImages", "inputs": {"folder": "subject", "resolution": 32}},
-             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
-    after = client.run(small, timeout=120)
-    record_run("small prompt after the interrupt (LoadSubjectImages → PreviewImage)", after)
-    assert after.status == "success", after.error_text()
+    # Re-queued (resume is on by default) with a total a few steps past the saved one: it continues there.
+    graph["3"]["inputs"]["steps"] = saved + 2
+    resumed = client.run(graph, client_id=client_id, timeout=300)
+    steps = [e["data"]["step"] for e in resumed.events if e.get("type") == "personalize.loss"
+             and e["data"].get("node") == TRAINER]
+    record_run("re-queued interrupted graph (resumed, 2 steps)", resumed)
+    assert resumed.status == "success", resumed.error_text()
+    assert steps == [saved + 1, saved + 2]
+    assert (base_dir.loras / f"{name}.safetensors").is_file()
 
 
 def test_restart_reuses_the_trained_lora(lora_run, server, client, base_dir):
