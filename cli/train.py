@@ -81,7 +81,7 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
             "training_seconds": round(result.training_seconds, 3) if result else None,
             "validation_seconds": round(result.validation_seconds, 3) if result else None,
             "validation_grid": str(artifact.report["grid_path"]) if artifact.report else None,
-            "steps": result.steps if result else len(artifact.losses),
+            "steps": len(artifact.losses),
             "final_loss": round(sum(tail) / len(tail), 6) if tail else None,
             "seconds_per_step": round(result.seconds_per_step, 4) if result else None,
             "startup_seconds": round(result.startup_seconds, 3) if result else None,

@@ -40,10 +40,10 @@ from .files import atomic_path
 from .loop import LiveRun, StepHooks, TrainResult
 from .validation import choose_step, step_score, validation_grid
 
-# Options that change neither what a step computes nor the data order: a resume may change them.
+# Options that change neither what a step computes nor the data order: a resume may change them. (select_best is
+# not one: the weights kept of the best step so far were chosen by it.)
 NOT_TRAINING_INPUTS = frozenset({"steps", "save_every", "keep_last", "preview_every", "validate_every",
-                                 "validation_prompts", "validation_images", "validation_sampler_steps",
-                                 "select_best"})
+                                 "validation_prompts", "validation_images", "validation_sampler_steps"})
 # Options that only write files beside the result: a rerun that changes them reuses the result.
 SIDE_FILES_ONLY = {"save_every": 0, "keep_last": 0}
 
@@ -244,7 +244,7 @@ class TrainingSession(StepHooks):
                 raise PersonalizeError(f"{path} holds the weights of step {saved_step}, not of the chosen step "
                                        f"{best}; train again with resume off")
             self._load_trainable(load_file(path))
-        result.validation = [_table_row(r) for r in self.records]
+        result.validation = [dict(r) for r in self.records]
         result.best_step, result.selection, result.steps = best, reason, best
 
     def write_report(self, artifact_path: Path) -> dict:
@@ -254,7 +254,7 @@ class TrainingSession(StepHooks):
             return {}
         best, reason = choose_step(self.records, self.validator.criterion, self.validator.note)
         table = {"best_step": best, "selection": reason, "select_best": self.validator.criterion,
-                 "prompts": self.validator.prompts, "validation": [_table_row(r) for r in self.records]}
+                 "prompts": self.validator.prompts, "validation": self.records}
         json_path = artifact_path.with_name(f"{artifact_path.stem}.validation.json")
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(table, indent=1), encoding="utf-8")
@@ -285,7 +285,7 @@ class TrainingSession(StepHooks):
             check_disk(self.folder, self._trainable_bytes(), "the weights of the best step")
             save_safetensors(self._trainable_tensors(), self.folder / BEST_FILE, {"step": str(step)})
         if live.callbacks.on_validation:
-            live.callbacks.on_validation(dict(_table_row(record), best_step=self.best and self.best["step"]), row)
+            live.callbacks.on_validation(dict(record, best_step=self.best and self.best["step"]), row)
 
     def _checkpoint(self, step: int) -> None:
         live = self.live
@@ -387,7 +387,3 @@ class TrainingSession(StepHooks):
         written = [self.out.parent / name for name in self.checkpoints]
         sizes = [p.stat().st_size for p in written if p.is_file()]
         return sizes[-1] if sizes else self._trainable_bytes()
-
-
-def _table_row(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "images"}
