@@ -207,3 +207,26 @@ def test_an_interrupted_write_leaves_the_last_complete_files(tiny_model, tmp_pat
     resumed = personalize(tiny_model, "lora", out, save_every=2, resume=True)
     whole = personalize(tiny_model, "lora", tmp_path / "whole" / "x.safetensors")
     assert all(torch.equal(v, tensors(resumed.path)[k]) for k, v in tensors(whole.path).items())
+
+
+def test_the_nodes_renaming_output_resumes_its_own_state(tiny_model, tmp_path):
+    """As a node writes (a taken name gets _1, _2, ...): a re-queued cancelled run continues into its own name, a
+    finished one continues to more steps into its own file, and other inputs get a new name."""
+    photos = pack("trainers.testing.synthetic").subject_photos(4, 64, 0)
+    base = run.BaseModel(models.load_base(tiny_model["single_file"]).fingerprint,
+                         lambda: models.load_base(tiny_model["single_file"]))
+    folder = tmp_path / "loras"
+
+    def queue(callbacks=None, **overrides):
+        config, method = make("lora", **overrides)
+        return run.train_or_reuse(base, method, photos, None, config, run.Output.named(folder, "x"), device=CPU,
+                                  resume=True, callbacks=callbacks)
+
+    with pytest.raises(errors.TrainingCancelled):
+        queue(callbacks=stop_at(2), save_every=2)
+    first = queue(save_every=2)
+    assert first.path == folder / "x.safetensors" and first.resumed_from == 2
+    longer = queue(save_every=2, steps=STEPS + 2)
+    assert longer.path == first.path and longer.resumed_from == STEPS
+    other = queue(lr=5e-4)
+    assert other.path == folder / "x_1.safetensors" and other.resumed_from == 0
