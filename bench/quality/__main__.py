@@ -1,7 +1,8 @@
 """``python -m bench.quality``: the personalization quality benchmark (see ``benchmark.py``).
 
-    python -m bench.quality              # pretrain the toy model if not cached (once, ~10-15 min), then benchmark
-    python -m bench.quality pretrain     # only build the cached toy model and feature network
+    python -m bench.quality              # benchmark the shipped toy model (pretrained, cached, if it is stale)
+    python -m bench.quality pretrain     # rebuild the toy model and feature network, compare with the shipped ones
+    python -m bench.quality pretrain --ship   # ... and write them to trainers/testing/toy_model/
     python -m bench.quality --seeds 0    # a quicker single-seed run
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import torch
 
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
     parser.add_argument("--cache", default=None, help="cache folder for the toy model, the feature network and "
                         "class images (default: $PERSONALIZE_QUALITY_CACHE or .cache/quality)")
+    parser.add_argument("--ship", action="store_true", help="pretrain: write the rebuilt model, tokenizer, feature "
+                        "network and recipe.json to trainers/testing/toy_model/ (the shipped files)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps for DreamBooth and LoRA")
     parser.add_argument("--methods", default=None, help="comma-separated subset of: dreambooth, "
@@ -37,11 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     if args.command == "pretrain":
-        started = time.perf_counter()
-        toy = assets.toy_model(args.cache, log=log)
-        _, feature_info = assets.toy_embedder(args.cache, log=log)
-        print(json.dumps({"toy_model": toy["single_file"], "cached": toy["cached"], "info": toy["info"],
-                          "features": feature_info, "seconds": round(time.perf_counter() - started, 1)}, indent=2))
+        recipe = assets.pretrain(args.cache, ship=args.ship, log=log)
+        print(json.dumps(recipe, indent=2))
         return 0
     settings = Settings(seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.steps:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import platform
+import random
 import shutil
 import statistics
 import tempfile
@@ -127,6 +128,48 @@ def sample_pair(components, instance_prompt: str, settings: Settings, seed: int)
     kwargs = dict(resolution=settings.resolution, steps=settings.sampler_steps, guidance=settings.guidance)
     return (sampling.sample_images(components, [instance_prompt] * settings.samples, seeds, **kwargs),
             sampling.sample_images(components, [world.CLASS_PROMPT] * settings.samples, seeds, **kwargs))
+
+
+SAMPLE_PROMPTS = ("a photo of a toy", "a photo of a red star toy", "a photo of a blue cube toy",
+                  "a photo of a green striped ball toy", "a photo of a purple dotted star toy",
+                  "a photo of a yellow heart toy on the beach", "a photo of a orange striped cone toy in the snow",
+                  "a photo of a white dotted cube toy at night")
+
+
+def toy_samples_grid(components, path: Path, samples: int = 8, settings: Settings | None = None) -> Path:
+    """Samples of a base model for prompts naming shape, colour, accent and scene: a look at what it learned."""
+    settings = settings or Settings()
+    kwargs = dict(resolution=settings.resolution, steps=settings.sampler_steps, guidance=settings.guidance)
+    rows = [(prompt.removeprefix("a photo of ").replace(" toy ", " toy\n"),
+             sampling.sample_images(components, [prompt] * samples, list(range(samples)), **kwargs))
+            for prompt in SAMPLE_PROMPTS]
+    return save_grid(rows, path)
+
+
+def prompt_following(components, embedder, prompts: int = 30, per_prompt: int = 2,
+                     settings: Settings | None = None) -> dict:
+    """Share of samples for "a photo of a <colour> <accent> <shape> toy" (random attributes) whose shape, colour
+    and accent the toy feature network's classifier heads name as prompted; the same on rendered photos of such
+    toys is the ceiling."""
+    settings = settings or Settings()
+    rng = random.Random("prompt-following")
+    photos = [world.random_photo(rng) for _ in range(prompts) for _ in range(per_prompt)]
+    texts = [f"a photo of a {p.toy.colour} {p.toy.accent} {p.toy.shape} toy" for p in photos]
+    samples = sampling.sample_images(components, texts, list(range(len(texts))), resolution=settings.resolution,
+                                     steps=settings.sampler_steps, guidance=settings.guidance)
+    truth = {"shape": [world.SHAPES.index(p.toy.shape) for p in photos],
+             "colour": [list(world.COLOURS).index(p.toy.colour) for p in photos],
+             "accent": [world.ACCENTS.index(p.toy.accent) for p in photos]}
+
+    def accuracy(images) -> dict[str, float]:
+        embeddings = embedder.embed(images).float()
+        hits = {head: embedder.net.logits(embeddings, head).argmax(dim=1) == torch.tensor(truth[head])
+                for head in truth}
+        every = torch.stack(list(hits.values())).all(dim=0)
+        return {k: round(v.float().mean().item(), 3) for k, v in (hits | {"all_three": every}).items()}
+
+    return {"samples": accuracy(samples), "real_photos": accuracy(world.render_batch(photos, settings.resolution)),
+            "prompts": prompts, "per_prompt": per_prompt}
 
 
 def save_grid(rows: list[tuple[str, list[Image.Image]]], path: Path, cell: int = 64, label_width: int = 190) -> Path:
