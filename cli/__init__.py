@@ -14,11 +14,12 @@ import sys
 import time
 
 from ..trainers.errors import PersonalizeError, TrainingCancelled
-from . import tools, train
+from ..trainers.distributed import is_main_process
+from . import many, tools, train
 from .command import Command, add_config_arguments, config_from_args
 
-COMMANDS: tuple[Command, ...] = (tools.MAKE_TINY_MODEL, tools.LOAD_SUBJECT, *train.COMMANDS, tools.DINO_SCORE,
-                                 tools.DEMO)
+COMMANDS: tuple[Command, ...] = (tools.MAKE_TINY_MODEL, tools.LOAD_SUBJECT, *train.COMMANDS, many.TRAIN_MANY,
+                                 tools.DINO_SCORE, tools.DEMO)
 
 
 def peak_rss_mb() -> float:
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print("cancelled: no artifact was written", file=sys.stderr)
         return 130
     result = dict(result, seconds=round(time.perf_counter() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
+    if not is_main_process():  # under accelerate launch the main process reports for all
+        return 0
     if args.json:
         print(json.dumps(result, default=str))
     else:

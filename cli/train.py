@@ -12,6 +12,7 @@ from pathlib import Path
 from ..trainers.config import TrainConfig
 from ..trainers.data import load_subject_folder
 from ..trainers.device import resolve_device
+from ..trainers.distributed import is_main_process, launcher_config
 from ..trainers import metrics
 from ..trainers.errors import PersonalizeError, TrainingCancelled
 from ..trainers.loop import Callbacks
@@ -62,7 +63,8 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
         with stop_on_signals(stop):
             artifact = train_or_reuse(base, method, subject.images, subject.captions, config,
                                       Output.file(out, overwrite=args.overwrite), class_cache_dir=args.class_cache,
-                                      device=device, callbacks=terminal_callbacks(lambda: stop["requested"]),
+                                      device=device, callbacks=terminal_callbacks(lambda: stop["requested"])
+                                      if is_main_process() else Callbacks(should_stop=lambda: stop["requested"]),
                                       release_frozen=True, resume=args.resume, dino=dino, clip=clip)
     except (TrainingCancelled, KeyboardInterrupt):
         folder = state_folder(out)
@@ -70,7 +72,6 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
             print(f"the training state is in {folder}: the same command with --resume continues it", file=sys.stderr)
         raise
     result = artifact.result
-    tail = artifact.losses[-10:]
     validation = result.validation if result else _stored_validation(artifact.metadata)
     if validation:
         print_validation_table(validation, artifact.metadata.get("personalize.selection", ""))
@@ -82,7 +83,7 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
             "validation_seconds": round(result.validation_seconds, 3) if result else None,
             "validation_grid": str(artifact.report["grid_path"]) if artifact.report else None,
             "steps": len(artifact.losses),
-            "final_loss": round(sum(tail) / len(tail), 6) if tail else None,
+            "final_loss": final_loss(artifact.losses),
             "seconds_per_step": round(result.seconds_per_step, 4) if result else None,
             "startup_seconds": round(result.startup_seconds, 3) if result else None,
             "bytes": artifact.path.stat().st_size if artifact.path.is_file() else None, "images": len(subject.files),
@@ -124,6 +125,12 @@ def stop_on_signals(stop: dict):
             signal.signal(s, handler)
 
 
+def final_loss(losses: list[float]) -> float | None:
+    """The mean of the last 10 steps' losses (one step's is noisy)."""
+    tail = losses[-10:]
+    return round(sum(tail) / len(tail), 6) if tail else None
+
+
 def terminal_callbacks(should_stop=None) -> Callbacks:
     """A tqdm bar on stderr, and a line per validation."""
     from tqdm import tqdm
@@ -160,6 +167,7 @@ def _add_dreambooth_arguments(parser) -> None:
 
 
 def _run_dreambooth(args, config: DreamBoothConfig) -> dict:
+    config = launcher_config(config)
     check_device(config, resolve_device(args.device))
     diffusers_out = Path(args.diffusers_out) if args.diffusers_out else None
     if diffusers_out and diffusers_out.exists():  # before training, not after it

@@ -9,17 +9,19 @@ import sys
 
 import torch
 
+from .distributed import process_device
 from .errors import PersonalizeError
 
 
 def resolve_device(requested: str | torch.device = "auto") -> torch.device:
-    """``auto``: the CUDA GPU when torch sees one, else the CPU; an explicit device must exist."""
+    """``auto``: the CUDA GPU when torch sees one, else the CPU; an explicit device must exist. Under accelerate
+    launch, each process's own GPU."""
     if str(requested) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return process_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PersonalizeError("device 'cuda' was requested, but this PyTorch sees no CUDA GPU; use 'auto' or 'cpu'")
-    return device
+    return process_device(device)
 
 
 def free_memory() -> None:

@@ -28,6 +28,7 @@ from PIL import Image
 from .components import Components
 from .config import TrainConfig
 from .device import free_memory, resolve_device
+from .distributed import DataParallel
 from .errors import PersonalizeError, TrainingCancelled
 from .methods.base import Method
 
@@ -289,6 +290,7 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
     generator = torch.Generator("cpu").manual_seed(config.seed)
     scheduler = components.noise_scheduler
     family, unet = components.family, components.unet
+    parallel = DataParallel(device)  # under accelerate launch; with one process every hook is the identity
 
     # Before prepare, so that a method can see where it trains (DreamBooth's bf16 needs CUDA). No local names for
     # the VAE and text encoders (loop variables included): one left bound would keep a module alive after
@@ -345,7 +347,18 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     fused = method.attach_optimizer(optimizer, config, device, loss_scaled=scaler is not None)
     hooks += fused + cancel_checks(unet, callbacks, in_backward=not fused)
+    parallel.refuse_fused_backward(fused)
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    def predict(noisy, timesteps, prompt_ids):
+        if cached_conditioning is not None:
+            conditioning = {k: v[prompt_ids] for k, v in cached_conditioning.items()}
+        else:
+            conditioning = method.encode(components, all_ids[prompt_ids].to(device))
+        return family.denoise(unet, noisy, timesteps, conditioning)
+
+    predict = parallel.wrap(predict, [unet] + [encoder for _, encoder in family.text_encoders(components)])
+    global_batch = parallel.global_batch(config.batch_size)
 
     n_images = instance_mean.shape[1]
     losses, lrs, instance_losses, prior_losses, step_times = [], [], [], [], []
@@ -359,18 +372,19 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
         session.step_started()
         step_started = time.perf_counter()
         step_loss = step_instance = step_prior = 0.0
-        for _ in range(config.gradient_accumulation):
-            index = torch.randint(0, n_images, (config.batch_size,), generator=generator)
-            view = torch.randint(0, instance_mean.shape[0], (config.batch_size,), generator=generator)
+        for micro_batch in range(config.gradient_accumulation):
+            parallel.sync_gradients(micro_batch == config.gradient_accumulation - 1)
+            index = torch.randint(0, n_images, (global_batch,), generator=generator)
+            view = torch.randint(0, instance_mean.shape[0], (global_batch,), generator=generator)
             mean, std = instance_mean[view, index], instance_std[view, index]
             prompt_ids = [prompt_index[options[int(torch.randint(0, len(options), (1,), generator=generator))]]
                           for options in (prompt_options[i] for i in index.tolist())]
             if use_prior:
-                c_index = torch.randint(0, class_mean.shape[1], (config.batch_size,), generator=generator)
-                c_view = torch.randint(0, class_mean.shape[0], (config.batch_size,), generator=generator)
+                c_index = torch.randint(0, class_mean.shape[1], (global_batch,), generator=generator)
+                c_view = torch.randint(0, class_mean.shape[0], (global_batch,), generator=generator)
                 mean = torch.cat([mean, class_mean[c_view, c_index]])
                 std = torch.cat([std, class_std[c_view, c_index]])
-                prompt_ids += [prompt_index[config.class_prompt]] * config.batch_size
+                prompt_ids += [prompt_index[config.class_prompt]] * global_batch
             count = mean.shape[0]
             latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * scaling
             noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -378,14 +392,12 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
                 noise = noise + config.noise_offset * torch.randn((count, latents.shape[1], 1, 1),
                                                                   generator=generator).to(device)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator).to(device)
+            latents, noise, timesteps, prompt_ids = parallel.local_rows(2 if use_prior else 1, latents, noise,
+                                                                        timesteps, prompt_ids)
             noisy = scheduler.add_noise(latents, noise, timesteps)
             target = denoising_target(scheduler, latents, noise, timesteps)
             with autocast():
-                if cached_conditioning is not None:
-                    conditioning = {k: v[prompt_ids] for k, v in cached_conditioning.items()}
-                else:
-                    conditioning = method.encode(components, all_ids[prompt_ids].to(device))
-                prediction = family.denoise(unet, noisy, timesteps, conditioning)
+                prediction = predict(noisy, timesteps, prompt_ids)
             per_sample = per_sample_loss(prediction, target, scheduler, timesteps, config.min_snr_gamma)
             instance_term = per_sample[: config.batch_size].mean()
             loss = instance_term
@@ -412,6 +424,8 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         method.after_step(components, step, config)
+        parallel.after_step()
+        step_loss, step_instance, step_prior = parallel.average(step_loss, step_instance, step_prior)
 
         loss_value = float(step_loss)
         if not math.isfinite(loss_value):

@@ -22,6 +22,7 @@ from .components import Components
 from .config import TrainConfig
 from .data import images_to_training_pixels
 from .device import resolve_device
+from .distributed import main_process_first, on_main_process, refuse_state_under_launcher
 from .errors import PersonalizeError
 from .files import output_path, sanitize_name
 from .loop import Callbacks, TrainResult, move_to, train
@@ -174,6 +175,7 @@ def personalize(components: Components, method: Method, images: torch.Tensor, ca
     ``release_frozen``: the caller discards ``components`` afterwards (see ``loop.train``). ``resume`` continues
     the training state beside ``out_path`` (see ``state``); ``dino`` / ``clip`` (``metrics`` embedders) score
     the validation samples when ``validate_every`` is set."""
+    refuse_state_under_launcher(config, resume)
     callbacks = callbacks or Callbacks()
     device = device or resolve_device()
     captions = _captions(images, captions)
@@ -194,14 +196,16 @@ def personalize(components: Components, method: Method, images: torch.Tensor, ca
             if callbacks.on_prepare:
                 callbacks.on_prepare(done, total, "generating class images")
 
-        class_pixels, class_dir, generated = class_images(
-            components, config, class_cache_dir or default_cache_dir() / "class_images",
-            on_progress=progress, should_stop=callbacks.should_stop)
+        with main_process_first():  # under the launcher the others then find the cache filled
+            class_pixels, class_dir, generated = class_images(
+                components, config, class_cache_dir or default_cache_dir() / "class_images",
+                on_progress=progress, should_stop=callbacks.should_stop)
     result = train(components, method, pixels, captions, config, class_pixels=class_pixels, device=device,
                    callbacks=callbacks, release_frozen=release_frozen, session=session)
     result.input_fingerprint = fingerprint
     session.choose(result)
-    path, metadata = method.export(components, config, result, out_path)
+    exported = on_main_process(lambda: method.export(components, config, result, out_path))
+    path, metadata = exported or (out_path, read_metadata(out_path))  # the others read what it wrote
     return Artifact(path=path, method=method.name, metadata=metadata, losses=result.losses, result=result,
                     class_image_dir=class_dir, class_images_generated=generated, resumed_from=session.resumed_from,
                     report=session.write_report(path))
