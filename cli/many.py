@@ -84,7 +84,7 @@ def _value(config_type, name: str, value: Any) -> Any:
             return kind(value)  # "800" → 800, 1 → 1.0 for a float option
         except (TypeError, ValueError):
             pass
-    raise PersonalizeError(f"{name} must be a {kind.__name__}; got {value!r}")
+    raise PersonalizeError(f"{name} must be of type {kind.__name__}; got {value!r}")
 
 
 @dataclass
