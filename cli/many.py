@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..trainers.components import Components
+from ..trainers.data import load_subject_folder
 from ..trainers.device import free_memory, resolve_device
 from ..trainers.distributed import is_main_process, launcher_config, on_main_process
 from ..trainers.errors import PersonalizeError
@@ -35,7 +36,6 @@ from ..trainers.methods.embedding import EmbeddingConfig, EmbeddingMethod
 from ..trainers.methods.lora import LoRAConfig, LoRAMethod
 from ..trainers.models import load_base
 from ..trainers.options import default_of, options_of, validate
-from ..trainers.data import load_subject_folder
 from ..trainers.run import BaseModel, Output, default_cache_dir, train_or_reuse
 from .command import Command
 from .train import final_loss, terminal_callbacks
@@ -121,9 +121,10 @@ def parse_row(row: dict[str, Any], folder: Path, default_base: str) -> Row:
 class BaseCache:
     """The base model of the current rows. Training changes the model it is given, so each row that trains needs a
     fresh one: the one loaded to read the fingerprint (which every row's reuse check needs) goes to the first such
-    row, and later rows load it again. Measured for SD1.5 in fp32 on CPU: a deep copy of a kept pristine model takes
-    8-14 s and holds two models (8.7 GB resident), loading again 13.5-14.6 s and holds one (5.0 GB); about the same
-    time for half the memory. One base at a time: a row with another base drops the previous one first."""
+    row, and later rows load it again. Measured for SD1.5 in fp32 on a busy 2-core CPU: a deep copy of a kept
+    pristine model takes 8-14 s and holds two models (8.7 GB resident), loading again 13.5-14.6 s and holds one
+    (5.0 GB); about the same time for half the memory. One base at a time: a row with another base drops the
+    previous one first."""
 
     def __init__(self, tokenizer: str | None):
         self.tokenizer = tokenizer
