@@ -149,3 +149,16 @@ def test_dreambooth_fused_backward_is_turned_off_only_under_the_launcher(monkeyp
     assert distributed.launcher_config(config) is config and config.fused_backward
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert distributed.launcher_config(config).fused_backward is False
+
+
+def test_checkpoints_resume_and_validation_are_refused_under_the_launcher(monkeypatch):
+    distributed = pack("trainers.distributed")
+    errors = pack("trainers.errors")
+    lora = pack("trainers.methods.lora")
+    distributed.refuse_state_under_launcher(lora.LoRAConfig(save_every=5), resume=True)  # one process: fine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.refuse_state_under_launcher(lora.LoRAConfig(), resume=False)
+    for config, resume in ((lora.LoRAConfig(save_every=5), False), (lora.LoRAConfig(validate_every=5), False),
+                           (lora.LoRAConfig(), True)):
+        with pytest.raises(errors.PersonalizeError, match="not supported under accelerate launch"):
+            distributed.refuse_state_under_launcher(config, resume)
