@@ -10,15 +10,17 @@ from ..trainers.data import LoadSubjectConfig, load_subject_folder
 from ..trainers.demo import run_demo
 from ..trainers.metrics import DINO_HF_REPO, DINO_PTH_NAME, dino_score, find_dino_model, load_dino, \
     read_image_folder
-from ..trainers.testing.tiny import make_tiny_model
+from ..trainers.testing.tiny import ARCHS, make_tiny_model
 from .command import Command
 
 
 def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write diffusers/, model.safetensors and tokenizer/")
-    parser.add_argument("--arch", default="sd15", choices=["sd15"], help="architecture (SDXL comes later)")
+    parser.add_argument("--arch", default="sd15", choices=list(ARCHS),
+                        help="model family: sd15 (SD1.x), sdxl (SDXL 1.0 base)")
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"],
-                        help="tiny for tests and the demo; full for SD1.5's real sizes (~2 GB in fp16)")
+                        help="tiny for tests and the demo; full for the family's real sizes (fp16: SD1.5 ~2 GB, "
+                             "SDXL ~7 GB)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
                         help="what the model predicts; v_prediction also writes the 'v_pred' marker key")
@@ -26,9 +28,10 @@ def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 MAKE_TINY_MODEL = Command(
     name="make-tiny-model",
-    help="write a deterministic random-weight SD1.x model (diffusers folder + single-file checkpoint)",
+    help="write a deterministic random-weight model (diffusers folder + single-file checkpoint)",
     add_arguments=_tiny_model_arguments,
-    run=lambda args, _config: make_tiny_model(args.out, args.size, args.seed, args.prediction_type),
+    run=lambda args, _config: make_tiny_model(args.out, args.size, args.seed, args.prediction_type,
+                                                 args.arch),
 )
 
 

@@ -73,3 +73,9 @@ def make_subject_images(count: int = 4, size: int = 64, seed: int = 0):
 @pytest.fixture
 def subject_images():
     return make_subject_images()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> dict:
+    """The tiny random SDXL model (two text encoders, text-time conditioning), written once per session."""
+    return pack("trainers.testing.tiny").make_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"), arch="sdxl")

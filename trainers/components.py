@@ -27,6 +27,12 @@ class Components:
     name: str = "model"
     tokenizer_dir: str | None = None
     fingerprint: str = field(default="", repr=False)
+    # SDXL's second text encoder (OpenCLIP bigG) and its tokenizer.
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+    # Original-layout keys that no component holds (position ids, OpenCLIP's logit scale, SD2.x's unused last text
+    # layer, ...): written back on export, so a DreamBooth file has exactly its base checkpoint's key set.
+    original_extras: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def prediction_type(self) -> str:

@@ -58,10 +58,12 @@ def save_diffusers(components: Components, folder: str | Path) -> Path:
     ``files.atomic_path``)."""
     folder = Path(folder)
     components.pipeline(scheduler=components.noise_scheduler).save_pretrained(folder, safe_serialization=True)
-    # transformers 5 writes only tokenizer.json; older loaders need vocab.json + merges.txt as well.
+    # transformers 5 writes only tokenizer.json; older loaders need vocab.json + merges.txt as well (every family's
+    # tokenizers share CLIP's vocabulary; each slot's tokenizer attribute is its pipeline subfolder).
     if components.tokenizer_dir:
-        for name in ("vocab.json", "merges.txt"):
-            source = Path(components.tokenizer_dir) / name
-            if source.is_file():
-                (folder / "tokenizer" / name).write_bytes(source.read_bytes())
+        for slot in components.family.text_encoder_slots:
+            for name in ("vocab.json", "merges.txt"):
+                source = Path(components.tokenizer_dir) / name
+                if source.is_file():
+                    (folder / slot.tokenizer / name).write_bytes(source.read_bytes())
     return folder

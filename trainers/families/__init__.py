@@ -12,18 +12,21 @@ import json
 from pathlib import Path
 
 from ..errors import PersonalizeError
-from . import sd15
+from . import sd15, sdxl
 from .base import Family, TextEncoderSlot, shipped_config
 
 __all__ = ["Family", "TextEncoderSlot", "shipped_config", "FAMILIES", "detect_checkpoint", "detect_folder",
            "family_named"]
 
-FAMILIES: tuple[Family, ...] = (sd15.FAMILY,)
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd15.FAMILY)
 
 
 # Layouts people may try that no family claims yet: named in the error instead of a generic "unknown".
 _RECOGNISED_ELSEWHERE = [
-    (lambda keys: any(k.startswith("conditioner.embedders.") for k in keys), "SDXL (conditioner.embedders.* keys)"),
+    (lambda keys: any(k.startswith("conditioner.embedders.0.model.") for k in keys),
+     "an SDXL refiner (OpenCLIP only, conditioner.embedders.0.model.* keys)"),
+    (lambda keys: any(k.startswith("conditioner.embedders.") for k in keys),
+     "a model with conditioner.embedders.* keys but not SDXL base's two text encoders"),
     (lambda keys: any(k.startswith("cond_stage_model.model.") for k in keys),
      "SD2.x (OpenCLIP text encoder, cond_stage_model.model.* keys)"),
     (lambda keys: any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys),

@@ -27,6 +27,9 @@ class TextEncoderSlot:
     tokenizer: str  # attribute of Components
     lora_prefix: str  # kohya LoRA key prefix, e.g. "lora_te"
     embedding_key: str  # key of its vectors in a Textual Inversion file, e.g. "emb_params"
+    # Last layers whose output nothing reads (SDXL's CLIP-L: the conditioning is its penultimate layer and its pooled
+    # output is unused): LoRA puts no adapters there, since they would never train.
+    unused_last_layers: int = 0
 
 
 class Family:
@@ -39,6 +42,8 @@ class Family:
     kohya_v2: bool = False  # kohya's ss_v2
     comfy_tokenizer: str  # folder inside ComfyUI's ``comfy`` package with this family's tokenizer files
     lora_unet_prefix = "lora_unet"
+    # The resolution the family was trained at: the trainer nodes' resolution when left at its default.
+    default_resolution = 512
     text_encoder_slots: tuple[TextEncoderSlot, ...] = ()
 
     def claims_checkpoint(self, keys: set[str]) -> bool:

@@ -20,11 +20,11 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
-def tokenizer_for(text_encoder: CLIPTextModel, folder: str | Path) -> CLIPTokenizer:
+def tokenizer_for(text_encoder: CLIPTextModel | CLIPTextConfig, folder: str | Path) -> CLIPTokenizer:
     """The tokenizer in ``folder``, padding and truncating to the text encoder's positions (ComfyUI's bundled SD1
     tokenizer files declare a longer maximum, since ComfyUI chunks long prompts itself)."""
     tokenizer = load_tokenizer(folder)
-    tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    tokenizer.model_max_length = getattr(text_encoder, "config", text_encoder).max_position_embeddings
     return tokenizer
 
 
@@ -55,6 +55,14 @@ def infer_text_config(text_sd: dict, base: dict) -> CLIPTextConfig:
         max_position_embeddings=text_sd["embeddings.position_embedding.weight"].shape[0],
     )
     return CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+
+
+def openclip_tokenizer(text_encoder: CLIPTextModel | CLIPTextConfig, folder: str | Path) -> CLIPTokenizer:
+    """The same vocabulary padding with id 0 (``!`` in CLIP's), as OpenCLIP's tokenizer and ComfyUI's SDXL/SD2
+    tokenizers pad, where CLIP's pads with its end token."""
+    tokenizer = tokenizer_for(text_encoder, folder)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    return tokenizer
 
 
 def kohya_module_path(module_path: str) -> str:

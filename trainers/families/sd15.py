@@ -50,32 +50,53 @@ class SD15(Family):
                       dtype: torch.dtype = torch.float32, owned: bool = False) -> Components:
         parts = split_original(state_dict)
         with torch.inference_mode(False):
-            unet_config = infer_unet_config(parts["unet"], shipped_config("sd15_unet"))
-            vae_config = infer_vae_config(parts["vae"], shipped_config("sd15_vae"))
+            unet, vae = self.unet_and_vae(parts, dtype, owned)
             text_config = infer_text_config(parts["text_encoder"], shipped_config("sd15_text_encoder"))
-            try:
-                unet = materialize(lambda: UNet2DConditionModel.from_config(unet_config),
-                                   unet_key_map(unet_config).to_diffusers(parts["unet"]), dtype, "UNet", self.title,
-                                   owned)
-                vae = materialize(lambda: AutoencoderKL.from_config(vae_config),
-                                  vae_key_map(vae_config).to_diffusers(parts["vae"]), dtype, "VAE", self.title, owned,
-                                  channels_last=False)
-                # Built normally (it is small): CLIP keeps non-persistent buffers an empty init would leave unset.
-                text_encoder = CLIPTextModel(text_config).to(dtype).eval()
-                rename = text_encoder_key_map(text_encoder.state_dict())
-                text_encoder.load_state_dict({rename(k): v for k, v in parts["text_encoder"].items()}, strict=True)
-            except RuntimeError as error:
-                raise PersonalizeError(f"the model weights have unexpected shapes for an {self.title} model: "
-                                       f"{error}") from None
-        scheduler_config = shipped_config("sd15_scheduler")
-        # The convention ComfyUI and A1111 use for v-prediction single files.
-        scheduler_config["prediction_type"] = "v_prediction" if "v_pred" in state_dict else "epsilon"
+            # Built normally (it is small): CLIP keeps non-persistent buffers an empty init would leave unset.
+            text_encoder = CLIPTextModel(text_config).to(dtype).eval()
+            self.load_text_weights(text_encoder, parts["text_encoder"])
         components = Components(family=self, unet=unet, vae=vae, text_encoder=text_encoder,
                                 tokenizer=tokenizer_for(text_encoder, tokenizer_dir),
-                                noise_scheduler=DDPMScheduler.from_config(scheduler_config), name=name,
+                                noise_scheduler=self.noise_scheduler(state_dict), name=name,
                                 tokenizer_dir=str(tokenizer_dir))
         components.fingerprint = fingerprint_state_dict(state_dict)
         return components
+
+    def unet_config(self, unet_sd: dict, parts: dict) -> dict:
+        """The UNet's diffusers config: the shipped one with every size the weights reveal."""
+        return infer_unet_config(unet_sd, shipped_config(f"{self.name}_unet"))
+
+    def unet_and_vae(self, parts: dict, dtype: torch.dtype, owned: bool):
+        unet_config = self.unet_config(parts["unet"], parts)
+        vae_config = infer_vae_config(parts["vae"], shipped_config(f"{self.name}_vae"))
+        try:
+            unet = materialize(lambda: UNet2DConditionModel.from_config(unet_config),
+                               unet_key_map(unet_config).to_diffusers(parts["unet"]), dtype, "UNet", self.title,
+                               owned)
+            vae = materialize(lambda: AutoencoderKL.from_config(vae_config),
+                              vae_key_map(vae_config).to_diffusers(parts["vae"]), dtype, "VAE", self.title, owned,
+                              channels_last=False)
+        except RuntimeError as error:
+            raise PersonalizeError(f"the model weights have unexpected shapes for an {self.title} model: "
+                                   f"{error}") from None
+        return unet, vae
+
+    def load_text_weights(self, text_encoder, weights: dict) -> None:
+        """Flat CLIP text weights (no ``text_model.``) into a transformers text model, strictly."""
+        rename = text_encoder_key_map(text_encoder.state_dict())
+        try:
+            # A projection (CLIPTextModelWithProjection) sits beside text_model, not in it.
+            text_encoder.load_state_dict({k if k == "text_projection.weight" else rename(k): v
+                                          for k, v in weights.items()}, strict=True)
+        except RuntimeError as error:
+            raise PersonalizeError(f"the text encoder weights have unexpected shapes for an {self.title} model: "
+                                   f"{error}") from None
+
+    def noise_scheduler(self, state_dict: dict) -> DDPMScheduler:
+        scheduler_config = shipped_config(f"{self.name}_scheduler")
+        # The convention ComfyUI and A1111 use for v-prediction single files.
+        scheduler_config["prediction_type"] = "v_prediction" if "v_pred" in state_dict else "epsilon"
+        return DDPMScheduler.from_config(scheduler_config)
 
     def from_diffusers(self, folder: Path, dtype: torch.dtype = torch.float32) -> Components:
         for part in _PIPELINE_PARTS:
@@ -117,15 +138,17 @@ class SD15(Family):
     # ------------------------------------------------------------------------------------------------ export
 
     def to_original(self, components: Components) -> dict[str, torch.Tensor]:
+        out = self.unet_and_vae_original(components)
+        out.update({TEXT_PREFIX + k: v for k, v in flat_text_state_dict(components.text_encoder).items()})
+        return out
+
+    def unet_and_vae_original(self, components: Components) -> dict[str, torch.Tensor]:
+        """UNet and VAE in the original layout, the keys no component holds, and the v-prediction marker."""
         unet_map = unet_key_map(components.unet.config)
         vae_map = vae_key_map(components.vae.config)
         out = {UNET_PREFIX + k: v for k, v in unet_map.to_original(components.unet.state_dict()).items()}
         out.update({VAE_PREFIX + k: v for k, v in vae_map.to_original(components.vae.state_dict()).items()})
-        nested = text_encoder_key_map(components.text_encoder.state_dict())("") == "text_model."
-        for key, value in components.text_encoder.state_dict().items():
-            name = key[len("text_model."):] if nested else key
-            if name != "embeddings.position_ids":
-                out[TEXT_PREFIX + name] = value
+        out.update(components.original_extras)
         if components.prediction_type == "v_prediction":
             out["v_pred"] = torch.tensor([])
         return out
@@ -146,6 +169,18 @@ class SD15(Family):
             vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
             unet=components.unet, scheduler=scheduler or DDIMScheduler.from_config(components.noise_scheduler.config),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def flat_text_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model's weights without ``text_model.`` (whatever the transformers version) and
+    without the position-id buffer, which original-layout files do not need."""
+    nested = text_encoder_key_map(text_encoder.state_dict())("") == "text_model."
+    out = {}
+    for key, value in text_encoder.state_dict().items():
+        name = key[len("text_model."):] if nested and key.startswith("text_model.") else key
+        if name != "embeddings.position_ids":
+            out[name] = value
+    return out
 
 
 def split_original(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -22,7 +22,7 @@ from ..components import Components
 from ..config import TrainConfig
 from ..errors import PersonalizeError
 from ..export import IMPLEMENTATION_DIFFUSERS, modelspec_metadata, provenance_metadata, save_safetensors
-from ..families import TextEncoderSlot
+from ..families import FAMILIES, TextEncoderSlot
 from ..loop import TrainResult
 from ..options import option
 from .base import Method
@@ -235,8 +235,19 @@ def load_embedding(pipeline, path: str | Path, token: str | None = None):
 
     ``token`` defaults to the one the file was trained with. An N-vector file adds ``token token_1 …``; the
     pipeline expands ``token`` in prompts to all of them (``pipeline.maybe_convert_prompt``), so prompts name only
-    ``token`` — a tokenizer used directly must be given the expanded form.
+    ``token`` — a tokenizer used directly must be given the expanded form. A file with vectors for several text
+    encoders (SDXL's ``clip_l`` and ``clip_g``) loads each set into its encoder.
     """
+    from safetensors.torch import load_file
+
     token = token or read_metadata(path).get("personalize.token") or Path(path).stem
-    pipeline.load_textual_inversion(str(path), token=token)
+    tensors = load_file(str(path))
+    if len(tensors) == 1:
+        pipeline.load_textual_inversion(str(path), token=token)
+        return pipeline
+    slots = {slot.embedding_key: slot for family in FAMILIES for slot in family.text_encoder_slots}
+    for key, vectors in tensors.items():
+        slot = slots[key]
+        pipeline.load_textual_inversion(vectors, token=token, text_encoder=getattr(pipeline, slot.encoder),
+                                        tokenizer=getattr(pipeline, slot.tokenizer))
     return pipeline

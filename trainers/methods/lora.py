@@ -59,9 +59,11 @@ class LoRAMethod(Method):
                                            target_modules=UNET_TARGETS[config.unet_targets]), components.unet)
         groups = [{"params": _adapter_parameters(components.unet), "lr": config.lr}]
         if config.train_text_encoder:
-            for encoder in encoders:
+            for slot, encoder in components.family.text_encoders(components):
+                layers = encoder.config.num_hidden_layers - slot.unused_last_layers
                 inject_adapter_in_model(LoraConfig(r=config.rank, lora_alpha=config.alpha,
-                                                   init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS),
+                                                   init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS,
+                                                   layers_to_transform=list(range(layers)), layers_pattern="layers"),
                                         encoder)
                 groups.append({"params": _adapter_parameters(encoder), "lr": config.text_encoder_lr})
         for group in groups:

@@ -1,9 +1,10 @@
-"""Deterministic random-weight SD1.x models, the fixture of every test and the demo's default.
+"""Deterministic random-weight models of every family, the fixture of every test and the demo's default.
 
-``tiny`` keeps SD1.x's component structure (UNet with cross-attention and a block without it, 8× VAE, CLIP text
-encoder, DDPM schedule) at sizes where a training step takes milliseconds. ``full`` has SD1.5's real sizes
-everywhere, which ComfyUI's model detection needs. Both are written as a diffusers folder and as an original-layout
-single file with a tokenizer folder beside it.
+``tiny`` keeps a family's component structure (SD1.x: UNet with cross-attention and a block without it, 8× VAE,
+CLIP text encoder; SDXL: the same with two text encoders, text-time conditioning and per-level transformer depths)
+at sizes where a training step takes milliseconds. ``full`` has the family's real sizes everywhere, which ComfyUI's
+model detection needs. Both are written as a diffusers folder and as an original-layout single file with a
+tokenizer folder beside it.
 """
 
 from __future__ import annotations
@@ -12,68 +13,99 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..components import Components
 from ..errors import PersonalizeError
-from ..families import shipped_config
-from ..families.clip import load_tokenizer
-from ..families.sd15 import FAMILY as SD15
+from ..families import family_named, shipped_config
+from ..families.clip import load_tokenizer, openclip_tokenizer
+from ..families.sdxl import heads
 from ..models import save_diffusers, save_single_file
 from .tokenizer import write_tokenizer
 
-# Sizes chosen so the shipped SD1.5 configs' group-norm and head counts still divide them: the single file then
-# loads through the same inference of sizes as a real checkpoint.
-TINY_UNET = dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=48, sample_size=8,
+ARCHS = ("sd15", "sdxl")
+
+# Sizes chosen so the shipped configs' group-norm and head counts still divide them: the single file then loads
+# through the same inference of sizes as a real checkpoint.
+TINY_UNET = {
+    "sd15": dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=48, sample_size=8,
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
+    # SDXL's shape in small: a first level without attention, deeper transformers further down, 48 (CLIP-L) +
+    # 64 (bigG) wide context, text-time embedding of the 64-wide pooled bigG output + 6 × 8 size ids.
+    "sdxl": dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=112, sample_size=8,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2],
+                 attention_head_dim=[heads(32), heads(64)], addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=64 + 6 * 8),
+}
 TINY_VAE = dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1, sample_size=64)
 TINY_TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, projection_dim=48)
+TINY_OPENCLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, projection_dim=64,
+                     num_attention_heads=heads(64))
+
+
+def _text_config(name: str, tiny: bool, tiny_sizes: dict, vocab_size: int, eos_token_id: int) -> CLIPTextConfig:
+    values = shipped_config(name) | (tiny_sizes | {"vocab_size": vocab_size} if tiny else {})
+    values["eos_token_id"] = eos_token_id  # pool at the end token (see families.sdxl)
+    return CLIPTextConfig(**{k: v for k, v in values.items() if k not in ("architectures", "model_type")})
 
 
 def random_components(size: str = "tiny", seed: int = 0, prediction_type: str = "epsilon",
-                      tokenizer_dir: str | Path | None = None) -> Components:
+                      tokenizer_dir: str | Path | None = None, arch: str = "sd15") -> Components:
     if size not in ("tiny", "full"):
         raise PersonalizeError(f"--size must be 'tiny' or 'full', got {size!r}")
+    if arch not in ARCHS:
+        raise PersonalizeError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     if tokenizer_dir is None:
         raise PersonalizeError("random_components needs a tokenizer folder (write one with write_tokenizer)")
     tiny = size == "tiny"
-    sd15_text = shipped_config("sd15_text_encoder")
-    # The full model's tokenizer fills SD1.5's 49408-row token table, as the real CLIP tokenizer does.
-    vocab_size = write_tokenizer(tokenizer_dir, vocab_size=None if tiny else sd15_text["vocab_size"])
-    unet_config = shipped_config("sd15_unet") | (TINY_UNET if tiny else {})
-    vae_config = shipped_config("sd15_vae") | (TINY_VAE if tiny else {})
-    text_values = sd15_text | (TINY_TEXT | {"vocab_size": vocab_size} if tiny else {})
-    text_config = CLIPTextConfig(**{k: v for k, v in text_values.items() if k not in ("architectures", "model_type")})
-    scheduler_config = shipped_config("sd15_scheduler") | {"prediction_type": prediction_type}
+    family = family_named(arch)
+    clip_values = shipped_config("sd15_text_encoder")
+    # The full model's tokenizer fills the real 49408-row token table, as the real CLIP tokenizer does.
+    vocab_size = write_tokenizer(tokenizer_dir, vocab_size=None if tiny else clip_values["vocab_size"])
+    tokenizer = load_tokenizer(tokenizer_dir)
+    unet_config = shipped_config(f"{arch}_unet") | (TINY_UNET[arch] if tiny else {})
+    vae_config = shipped_config(f"{arch}_vae") | (TINY_VAE if tiny else {})
+    scheduler_config = shipped_config(f"{arch}_scheduler") | {"prediction_type": prediction_type}
     with torch.inference_mode(False):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(unet_config)
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL.from_config(vae_config)
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(text_config)
-    return Components(family=SD15, unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                      tokenizer=load_tokenizer(tokenizer_dir),
-                      noise_scheduler=DDPMScheduler.from_config(scheduler_config), name=f"{size}-sd15",
-                      tokenizer_dir=str(tokenizer_dir))
+        text_encoder = CLIPTextModel(_text_config("sd15_text_encoder", tiny, TINY_TEXT, vocab_size,
+                                                  tokenizer.eos_token_id))
+        extra = {}
+        if arch == "sdxl":
+            torch.manual_seed(seed + 3)
+            extra = dict(text_encoder_2=CLIPTextModelWithProjection(_text_config(
+                "sdxl_text_encoder_2", tiny, TINY_OPENCLIP, vocab_size, tokenizer.eos_token_id)).eval(),
+                tokenizer_2=openclip_tokenizer(text_encoder, tokenizer_dir))
+    return Components(family=family, unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                      tokenizer=tokenizer, noise_scheduler=DDPMScheduler.from_config(scheduler_config),
+                      name=f"{size}-{arch}", tokenizer_dir=str(tokenizer_dir), **extra)
 
 
-def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, prediction_type: str = "epsilon") -> dict:
+def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, prediction_type: str = "epsilon",
+                    arch: str = "sd15") -> dict:
     """Write ``out/diffusers/`` and ``out/model.safetensors`` (+ ``out/tokenizer/``); return their paths."""
     out = Path(out)
-    components = random_components(size, seed, prediction_type, tokenizer_dir=out / "tokenizer")
+    components = random_components(size, seed, prediction_type, tokenizer_dir=out / "tokenizer", arch=arch)
+    family = components.family
+    modules = [components.unet, components.vae] + [encoder for _, encoder in family.text_encoders(components)]
     # The full model is stored in fp16 like the checkpoints users have; the tiny one in fp32 for exact tests.
     dtype = torch.float16 if size == "full" else None
     if dtype is not None:
-        components.unet.to(dtype), components.vae.to(dtype), components.text_encoder.to(dtype)
+        for module in modules:
+            module.to(dtype)
     single_file = save_single_file(components, out / "model.safetensors", dtype=dtype,
-                                   metadata={"modelspec.architecture": SD15.modelspec_architecture,
-                                             "modelspec.title": f"personalize random {size} SD1.x (seed {seed})",
+                                   metadata={"modelspec.architecture": family.modelspec_architecture,
+                                             "modelspec.title": f"personalize random {size} {family.title} "
+                                                                f"(seed {seed})",
                                              "modelspec.prediction_type": prediction_type})
     diffusers_dir = save_diffusers(components, out / "diffusers")
-    parameters = sum(p.numel() for m in (components.unet, components.vae, components.text_encoder)
-                     for p in m.parameters())
+    parameters = sum(p.numel() for m in modules for p in m.parameters())
     return {"diffusers": str(diffusers_dir), "single_file": str(single_file), "tokenizer": str(out / "tokenizer"),
-            "size": size, "parameters": parameters,
+            "arch": arch, "size": size, "parameters": parameters,
             "single_file_mb": round(single_file.stat().st_size / 2**20, 2)}
