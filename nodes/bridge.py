@@ -33,7 +33,7 @@ def comfy_tokenizer_dir(family) -> Path:
 
 
 def comfy_state_dict(model, clip, vae) -> dict[str, torch.Tensor]:
-    """The graph's MODEL/CLIP/VAE as one original-layout SD1.x state dict, with any LoRA patched in, on the CPU
+    """The graph's MODEL/CLIP/VAE as one original-layout state dict (SD1.x, SDXL), with any LoRA patched in, on the CPU
     (the path ComfyUI's own checkpoint saving takes)."""
     import comfy.model_management
 
@@ -145,11 +145,12 @@ def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tenso
         else (None, None)
     with torch.inference_mode(False):
         held = {"state_dict": comfy_state_dict(model, clip, vae)}
+        family = detect_checkpoint(held["state_dict"])
+        config = family.with_defaults(config)  # e.g. SDXL's 1024 px where the node's resolution was left at 512
 
         def load():
             release_comfy_models()
             state_dict = held.pop("state_dict")  # the components copy it; this copy goes as soon as they exist
-            family = detect_checkpoint(state_dict)
             return family.from_original(state_dict, comfy_tokenizer_dir(family), name=_base_name(model))
 
         base = BaseModel(fingerprint_state_dict(held["state_dict"]), load)

@@ -16,7 +16,8 @@ def trainer_inputs(default_name: str) -> list[io.Input]:
     """The inputs every trainer node starts with: the base model, the photos, where the result goes, resume, and
     the models that score validation."""
     return [
-        io.Model.Input("model", tooltip="the base model to personalize (any SD1.x loader)"),
+        io.Model.Input("model", tooltip="the base model to personalize (an SD1.x or SDXL checkpoint; "
+                        "SDXL trains at 1024 px and LoRA rank 16 where those options are left at their defaults)"),
         io.Clip.Input("clip"),
         io.Vae.Input("vae"),
         io.Image.Input("images", tooltip="3-5 photos of the subject (LoadSubjectImages, or any IMAGE batch)"),

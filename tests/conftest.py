@@ -79,3 +79,9 @@ def subject_images():
 def tiny_sdxl(tmp_path_factory) -> dict:
     """The tiny random SDXL model (two text encoders, text-time conditioning), written once per session."""
     return pack("trainers.testing.tiny").make_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"), arch="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory) -> dict:
+    """The tiny random SD2.x model (OpenCLIP text tower, ε-prediction), written once per session."""
+    return pack("trainers.testing.tiny").make_tiny_model(tmp_path_factory.mktemp("tiny-sd2"), arch="sd2")

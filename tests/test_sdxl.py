@@ -335,3 +335,14 @@ def test_sdxl_dreambooth_with_prior_preservation_exports_the_input_key_set(tiny_
     assert all(torch.equal(pipe.unet.state_dict()[k], v.half().float()) for k, v in after.items())
     reloaded = models.load_base(out, tokenizer_dir=tiny_sdxl["tokenizer"])
     assert state_dicts_equal(models.original_state_dict(reloaded), {k: v.float() for k, v in exported.items()})
+
+
+def test_family_defaults_replace_only_options_left_at_the_method_default():
+    sd15 = families.family_named("sd15")
+    assert sd15.with_defaults(lora.LoRAConfig()) == lora.LoRAConfig()
+    chosen = sdxl.FAMILY.with_defaults(lora.LoRAConfig())
+    assert (chosen.resolution, chosen.rank, chosen.alpha) == (1024, 16, 8.0)
+    kept = sdxl.FAMILY.with_defaults(lora.LoRAConfig(resolution=768, rank=4))
+    assert (kept.resolution, kept.rank) == (768, 4)
+    assert sdxl.FAMILY.with_defaults(embedding.EmbeddingConfig()).resolution == 1024
+    assert sdxl.FAMILY.with_defaults(dreambooth.DreamBoothConfig()).resolution == 1024

@@ -17,7 +17,7 @@ import pytest
 
 from .harness import CHECKPOINT, PACK_FOLDER, record_run, saved_images, unit_conftest
 from .test_3_more_nodes import DREAMBOOTH_MIN_FREE_GIB, free_gib
-from .workflows import (API_DIR, METHODS, WORKFLOWS_DIR, WRITE_TWINS, api_path, dump_api, load, nodes_of, ui_path,
+from .workflows import (API_DIR, METHODS, WORKFLOWS, WORKFLOWS_DIR, WRITE_TWINS, api_path, dump_api, load, nodes_of, ui_path,
                         ui_to_api, widget_inputs)
 
 pytestmark = pytest.mark.integration
@@ -34,16 +34,16 @@ EXAMPLE_CHOICES = {"init_word"}
 def test_only_the_ui_workflows_are_templates(client):
     """GET /workflow_templates lists example_workflows/*.json only (not api/), and each is served as it is."""
     listed = client.get("/api/workflow_templates")
-    assert sorted(listed.get(PACK_FOLDER, [])) == sorted(f"personalize_{m}" for m in METHODS), listed
-    for method in METHODS:
+    assert sorted(listed.get(PACK_FOLDER, [])) == sorted(f"personalize_{m}" for m in WORKFLOWS), listed
+    for method in WORKFLOWS:
         url = f"{client.url}/api/workflow_templates/{PACK_FOLDER}/personalize_{method}.json"
         with urllib.request.urlopen(url, timeout=30) as response:
             assert json.load(response) == load(ui_path(method))
-    assert sorted(p.name for p in WORKFLOWS_DIR.glob("*.json")) == sorted(f"personalize_{m}.json" for m in METHODS)
-    assert sorted(p.name for p in API_DIR.glob("*.json")) == sorted(f"personalize_{m}.json" for m in METHODS)
+    assert sorted(p.name for p in WORKFLOWS_DIR.glob("*.json")) == sorted(f"personalize_{m}.json" for m in WORKFLOWS)
+    assert sorted(p.name for p in API_DIR.glob("*.json")) == sorted(f"personalize_{m}.json" for m in WORKFLOWS)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", WORKFLOWS)
 def test_api_twin_is_the_ui_workflow(client, method):
     """The twin is ui_to_api(UI workflow): same nodes, links and widget values, each value in its widget's slot.
     PERSONALIZE_WRITE_API_TWINS=1 rewrites the twin instead (after editing the UI workflow)."""
@@ -56,12 +56,15 @@ def test_api_twin_is_the_ui_workflow(client, method):
                             f"run with PERSONALIZE_WRITE_API_TWINS=1 to rewrite it")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ui_workflow_shows_a_real_setup(client, method):
-    """What a user gets: the trainer at the node's defaults (real step counts, 512 px), the seed fixed (re-queuing
-    reuses the trained file), load → train → apply → sample → score from left to right in groups, and notes."""
+@pytest.mark.parametrize("workflow_name", WORKFLOWS)
+def test_ui_workflow_shows_a_real_setup(client, workflow_name):
+    """What a user gets: the trainer at the node's defaults (real step counts; an SDXL model turns the default 512 px
+    into its 1024), the seed fixed (re-queuing reuses the trained file), photos and samples at the family's size,
+    load → train → apply → sample → score from left to right in groups, and notes."""
     info = client.object_info()
-    workflow = load(ui_path(method))
+    workflow = load(ui_path(workflow_name))
+    method = workflow_name.removeprefix("sdxl_")
+    size = 1024 if workflow_name.startswith("sdxl_") else 512
     trainer_type = TRAINERS[method]
     (trainer,) = [n for n in workflow["nodes"] if n["type"] == trainer_type]
     values = iter(trainer["widgets_values"])
@@ -79,9 +82,9 @@ def test_ui_workflow_shows_a_real_setup(client, method):
     (sampler,) = by_type["KSampler"]
     assert 20 <= sampler["widgets_values"][2] <= 30, sampler["widgets_values"]
     (latent,) = by_type["EmptyLatentImage"]
-    assert latent["widgets_values"][:2] == [512, 512]
+    assert latent["widgets_values"][:2] == [size, size]
     (subject,) = by_type["LoadSubjectImages"]
-    assert subject["widgets_values"][:2] == ["my_subject", 512]
+    assert subject["widgets_values"][:2] == ["my_subject", size]
     positive = [n["widgets_values"][0] for n in by_type["CLIPTextEncode"]]
     trigger = "embedding:my_subject" if method == "embedding" else "sks dog"
     assert any(trigger in text for text in positive), positive

@@ -27,6 +27,8 @@ from .harness import REPO
 WORKFLOWS_DIR = REPO / "example_workflows"
 API_DIR = WORKFLOWS_DIR / "api"
 METHODS = ("lora", "embedding", "dreambooth")
+# Every example: the SD1.x one of each method, and its SDXL twin (same graph, SDXL checkpoint and sizes).
+WORKFLOWS = METHODS + tuple(f"sdxl_{m}" for m in METHODS)
 WRITE_TWINS = os.environ.get("PERSONALIZE_WRITE_API_TWINS") == "1"
 
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # virtual nodes: in the UI file, never in the prompt

@@ -12,13 +12,14 @@ import json
 from pathlib import Path
 
 from ..errors import PersonalizeError
-from . import sd15, sdxl
+from . import sd2, sd15, sdxl
 from .base import Family, TextEncoderSlot, shipped_config
 
 __all__ = ["Family", "TextEncoderSlot", "shipped_config", "FAMILIES", "detect_checkpoint", "detect_folder",
            "family_named"]
 
-FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd15.FAMILY)
+# The first family that claims a file or folder takes it: SD2.x before SD1.x, whose pipelines share a class.
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd2.FAMILY, sd15.FAMILY)
 
 
 # Layouts people may try that no family claims yet: named in the error instead of a generic "unknown".
@@ -27,8 +28,6 @@ _RECOGNISED_ELSEWHERE = [
      "an SDXL refiner (OpenCLIP only, conditioner.embedders.0.model.* keys)"),
     (lambda keys: any(k.startswith("conditioner.embedders.") for k in keys),
      "a model with conditioner.embedders.* keys but not SDXL base's two text encoders"),
-    (lambda keys: any(k.startswith("cond_stage_model.model.") for k in keys),
-     "SD2.x (OpenCLIP text encoder, cond_stage_model.model.* keys)"),
     (lambda keys: any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys),
      "SD3 (MMDiT joint_blocks.* keys)"),
     (lambda keys: any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys),
@@ -63,7 +62,7 @@ def detect_folder(folder: Path) -> Family:
         raise PersonalizeError(f"{folder} is not a diffusers model folder (no model_index.json)")
     model_index = json.loads(index_path.read_text())
     for family in FAMILIES:
-        if family.claims_folder(model_index):
+        if family.claims_folder(model_index, folder):
             return family
     raise PersonalizeError(f"{folder} holds a {model_index.get('_class_name', 'pipeline of unknown class')}; the "
                            f"pack trains {_supported()} models.")

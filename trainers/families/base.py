@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,16 +43,17 @@ class Family:
     kohya_v2: bool = False  # kohya's ss_v2
     comfy_tokenizer: str  # folder inside ComfyUI's ``comfy`` package with this family's tokenizer files
     lora_unet_prefix = "lora_unet"
-    # The resolution the family was trained at: the trainer nodes' resolution when left at its default.
-    default_resolution = 512
+    # Option values the literature recommends for this family where they differ from the methods' defaults (which
+    # suit SD1.x), e.g. SDXL's 1024 px: ``with_defaults`` applies them to the options a user left at their default.
+    defaults: dict[str, object] = {}
     text_encoder_slots: tuple[TextEncoderSlot, ...] = ()
 
     def claims_checkpoint(self, keys: set[str]) -> bool:
         """Whether an original-layout state dict with these keys is of this family."""
         raise NotImplementedError
 
-    def claims_folder(self, model_index: dict) -> bool:
-        """Whether a diffusers folder with this ``model_index.json`` is of this family."""
+    def claims_folder(self, model_index: dict, folder: Path) -> bool:
+        """Whether the diffusers ``folder`` with this ``model_index.json`` is of this family."""
         raise NotImplementedError
 
     def from_original(self, state_dict: dict, tokenizer_dir: str | Path, *, name: str = "model",
@@ -84,6 +86,21 @@ class Family:
     def pipeline(self, components: "Components", scheduler=None):
         """A diffusers sampling pipeline sharing the components' modules."""
         raise NotImplementedError
+
+    def with_defaults(self, config):
+        """``config`` with this family's ``defaults`` for every option that still has its method's default value.
+
+        The trainer nodes call it once they know the family of the graph's model, so an SDXL model trains at 1024 px
+        without the user changing anything, while any value the user set is kept."""
+        from ..options import default_of
+
+        changes = {f.name: self.defaults[f.name] for f in dataclasses.fields(config)
+                   if f.name in self.defaults and getattr(config, f.name) == default_of(f)}
+        return dataclasses.replace(config, **changes) if changes else config
+
+    def modelspec(self, prediction_type: str) -> str:
+        """``modelspec.architecture`` of a model of this family (SD2.x names its v-prediction variant apart)."""
+        return self.modelspec_architecture
 
     def text_encoders(self, components: "Components") -> list[tuple[TextEncoderSlot, torch.nn.Module]]:
         """The slots and their encoders, where the components still hold them."""

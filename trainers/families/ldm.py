@@ -122,6 +122,15 @@ def vae_key_map(config) -> KeyMap:
     return KeyMap(pairs, reshape_prefixes=tuple(attention))
 
 
+# The attention heads of SD2.x's and SDXL's UNets and of OpenCLIP's text encoders are 64 wide (ComfyUI's
+# num_head_channels 64; bigG: 20 heads, ViT-H: 16): head counts follow from the widths the weights reveal.
+HEAD_WIDTH = 64
+
+
+def heads_for(width: int) -> int:
+    return max(1, width // HEAD_WIDTH)
+
+
 def count_indices(keys, prefix: str) -> int:
     indices = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
     return max(indices) + 1 if indices else 0

@@ -41,7 +41,7 @@ class SD15(Family):
         return (any(k.startswith(UNET_PREFIX) for k in keys)
                 and any(k.startswith(_OLD_TEXT_PREFIX) for k in keys))
 
-    def claims_folder(self, model_index: dict) -> bool:
+    def claims_folder(self, model_index: dict, folder: Path) -> bool:
         return model_index.get("_class_name") == "StableDiffusionPipeline"
 
     # ------------------------------------------------------------------------------------------------ loading

@@ -22,7 +22,7 @@ from ..errors import PersonalizeError
 from . import openclip
 from .base import TextEncoderSlot, shipped_config
 from .clip import infer_text_config, openclip_tokenizer, tokenize, tokenizer_for
-from .ldm import UNET_PREFIX, VAE_PREFIX
+from .ldm import UNET_PREFIX, VAE_PREFIX, heads_for
 from .sd15 import SD15, flat_text_state_dict
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
@@ -30,15 +30,6 @@ BIGG_PREFIX = "conditioner.embedders.1.model."
 _PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 # The VAE's downsampling: the UNet sees latents of 1/8 the image size.
 LATENT_SCALE = 8
-# OpenCLIP's attention heads are 64 wide (bigG: 20 heads, ViT-H: 16), and so are SDXL's UNet heads (ComfyUI's
-# num_head_channels 64): the head counts follow from the widths the weights reveal.
-HEAD_WIDTH = 64
-
-
-def heads(width: int) -> int:
-    return max(1, width // HEAD_WIDTH)
-
-
 def size_ids(height: int, width: int, batch: int, like: torch.Tensor) -> torch.Tensor:
     """SDXL's micro-conditioning: original size, crop top-left, target size. Training crops squares out of images
     scaled to the resolution, so the original and target sizes are the training size and the crop is at 0, 0 —
@@ -52,7 +43,9 @@ class SDXL(SD15):
     modelspec_architecture = "stable-diffusion-xl-v1-base"
     kohya_base_version = "sdxl_base_v1-0"
     comfy_tokenizer = "sd1_tokenizer"
-    default_resolution = 1024
+    # SDXL was trained at 1024 px and is poor below ~768; LoRA rank 16-32 is what kohya's and diffusers' SDXL
+    # guides use (alpha stays 8: alpha = rank/2 is kohya's common SDXL setting).
+    defaults = {"resolution": 1024, "rank": 16}
     text_encoder_slots = (TextEncoderSlot("text_encoder", "tokenizer", "lora_te1", "clip_l", unused_last_layers=1),
                           TextEncoderSlot("text_encoder_2", "tokenizer_2", "lora_te2", "clip_g"))
 
@@ -62,7 +55,7 @@ class SDXL(SD15):
         return (any(k.startswith(UNET_PREFIX) for k in keys) and any(k.startswith(CLIP_L_PREFIX) for k in keys)
                 and any(k.startswith(BIGG_PREFIX) for k in keys))
 
-    def claims_folder(self, model_index: dict) -> bool:
+    def claims_folder(self, model_index: dict, folder: Path) -> bool:
         return model_index.get("_class_name") == "StableDiffusionXLPipeline"
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -74,7 +67,7 @@ class SDXL(SD15):
             unet, vae = self.unet_and_vae(parts, dtype, owned)
             clip_config = infer_text_config(parts["text_encoder"], shipped_config("sd15_text_encoder"))
             bigg_config = openclip.infer_config(parts["openclip"], shipped_config("sdxl_text_encoder_2"))
-            bigg_config["num_attention_heads"] = heads(bigg_config["hidden_size"])
+            bigg_config["num_attention_heads"] = heads_for(bigg_config["hidden_size"])
             tokenizer = tokenizer_for(clip_config, tokenizer_dir)
             tokenizer_2 = openclip_tokenizer(clip_config, tokenizer_dir)
             # Pool at the first end token, not at the highest id (transformers' legacy rule for eos_token_id 2),
@@ -97,7 +90,7 @@ class SDXL(SD15):
         config = super().unet_config(unet_sd, parts)
         adm_width = unet_sd["label_emb.0.0.weight"].shape[1]
         pooled_width = parts["openclip"][openclip.PROJECTION].shape[1]
-        config.update(attention_head_dim=[heads(c) for c in config["block_out_channels"]],
+        config.update(attention_head_dim=[heads_for(c) for c in config["block_out_channels"]],
                       projection_class_embeddings_input_dim=adm_width,
                       addition_time_embed_dim=(adm_width - pooled_width) // 6)
         return config

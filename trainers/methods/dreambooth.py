@@ -152,8 +152,8 @@ def dreambooth_metadata(components: Components, config: DreamBoothConfig, result
                           if config.train_text_encoder else 0)
     return {
         **provenance_metadata("dreambooth", components.name, components.fingerprint, config, result),
-        **modelspec_metadata(components.family.modelspec_architecture, IMPLEMENTATION_ORIGINAL, path.stem,
-                             config.resolution, config.prompt, components.prediction_type),
+        **modelspec_metadata(components.family.modelspec(components.prediction_type), IMPLEMENTATION_ORIGINAL,
+                             path.stem, config.resolution, config.prompt, components.prediction_type),
         "personalize.steps": str(result.steps),
         "personalize.text_encoder_steps": str(text_encoder_steps),
         "personalize.prior_weight": f"{config.prior_weight:g}" if config.prior_preservation else "0",

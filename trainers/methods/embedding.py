@@ -224,7 +224,7 @@ def embedding_metadata(components: Components, config: EmbeddingConfig, result: 
         "personalize.vectors": str(config.vectors),
         "personalize.steps": str(result.steps),
         "personalize.templates": config.templates,
-        **modelspec_metadata(f"{components.family.modelspec_architecture}/textual-inversion",
+        **modelspec_metadata(f"{components.family.modelspec(components.prediction_type)}/textual-inversion",
                              IMPLEMENTATION_DIFFUSERS, path.stem, config.resolution, config.token,
                              components.prediction_type),
     }

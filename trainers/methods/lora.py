@@ -131,8 +131,9 @@ def lora_metadata(components: Components, config: LoRAConfig, result: TrainResul
         "ss_output_name": title,
         "ss_training_comment": f"trigger: {config.prompt}",
         "ss_training_finished_at": iso_date(),
-        **modelspec_metadata(f"{components.family.modelspec_architecture}/lora", IMPLEMENTATION_DIFFUSERS, title,
-                             config.resolution, config.prompt, components.prediction_type),
+        **modelspec_metadata(f"{components.family.modelspec(components.prediction_type)}/lora",
+                             IMPLEMENTATION_DIFFUSERS, title, config.resolution, config.prompt,
+                             components.prediction_type),
     }
 
 
