@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 from accelerate import init_empty_weights
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel

@@ -17,7 +17,7 @@ import pytest
 
 from .harness import CHECKPOINT, PACK_FOLDER, record_run, saved_images, unit_conftest
 from .test_3_more_nodes import DREAMBOOTH_MIN_FREE_GIB, free_gib
-from .workflows import (API_DIR, METHODS, WORKFLOWS, WORKFLOWS_DIR, WRITE_TWINS, api_path, dump_api, load, nodes_of, ui_path,
+from .workflows import (API_DIR, WORKFLOWS, WORKFLOWS_DIR, WRITE_TWINS, api_path, dump_api, load, nodes_of, ui_path,
                         ui_to_api, widget_inputs)
 
 pytestmark = pytest.mark.integration
