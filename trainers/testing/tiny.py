@@ -9,6 +9,7 @@ tokenizer folder beside it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -80,7 +81,7 @@ def random_components(size: str = "tiny", seed: int = 0, prediction_type: str = 
     scheduler_config = shipped_config(f"{arch}_scheduler") | {"prediction_type": prediction_type}
     if arch == "sd2" and not tiny and prediction_type == "v_prediction":
         unet_config["sample_size"] = 96  # SD2.x's v models are the 768 px ones
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), _default_dtype(torch.float16 if arch == "sdxl" and not tiny else None):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(unet_config)
         torch.manual_seed(seed + 1)
@@ -106,6 +107,18 @@ def random_components(size: str = "tiny", seed: int = 0, prediction_type: str = 
                       tokenizer=extra.pop("tokenizer", tokenizer),
                       noise_scheduler=DDPMScheduler.from_config(scheduler_config),
                       name=f"{size}-{arch}", tokenizer_dir=str(tokenizer_dir), **extra)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype | None):
+    """Build in ``dtype``: the full SDXL's 3.5 B parameters would take 14 GB in fp32 before the fp16 file is written
+    (built in fp16, the dtype it is stored in, they take 7). The full SD1.x model keeps its fp32-built weights."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _sd2_text_encoder(sizes: dict, tokenizer, tokenizer_dir) -> tuple[CLIPTextModel, dict]:
