@@ -291,3 +291,27 @@ def test_cli_trains_end_to_end(tiny_model, tmp_path, capsys):
     onto_base[onto_base.index(str(out))] = tiny_model["single_file"]
     assert cli.main(onto_base + ["--overwrite"]) == 2
     assert "is the base model itself" in capsys.readouterr().err
+
+
+def test_adafactor_trains_with_a_fraction_of_adamws_state(components, subject_images):
+    from transformers.optimization import Adafactor
+
+    before = weights(components.unet)
+    method = dreambooth.DreamBoothMethod(config(optimizer="adafactor", fused_backward=False))
+    optimizers = []
+    make = method.make_optimizer
+    method.make_optimizer = lambda *args: optimizers.append(make(*args)) or optimizers[-1]
+    loop.train(components, method, data.images_to_training_pixels(subject_images, 64), [""] * 4,
+               config(optimizer="adafactor", fused_backward=False), device=CPU)
+    (optimizer,) = optimizers
+    assert isinstance(optimizer, Adafactor)
+    after = weights(components.unet)
+    assert all(not torch.equal(after[k], before[k]) for k in after)
+    state = sum(v.numel() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    parameters = sum(p.numel() for p in components.unet.parameters())
+    assert state < 0.6 * parameters  # AdamW keeps 2 per parameter; Adafactor factors the second moment
+
+
+def test_adafactor_refuses_bf16_weights():
+    with pytest.raises(errors.PersonalizeError, match="adafactor"):
+        dreambooth.check_device(config(optimizer="adafactor", weights_dtype="bf16"), CPU)

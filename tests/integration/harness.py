@@ -113,25 +113,25 @@ pack = importlib.util.module_from_spec(spec)
 sys.modules["personalize_it_pack"] = pack
 spec.loader.exec_module(pack)
 from personalize_it_pack import cli
-sys.exit(cli.main(["make-tiny-model", "--out", sys.argv[2], "--size", "full", "--seed", "0"]))
+sys.exit(cli.main(["make-tiny-model", "--out", sys.argv[2], "--size", "full", "--seed", "0", "--arch", sys.argv[3]]))
 """
 
 
-def full_checkpoint() -> tuple[Path, float]:
-    """The full-size random SD1.5 checkpoint from the pack's ``make-tiny-model --size full``, cached across sessions
-    under ``$PERSONALIZE_TEST_CACHE`` keyed by the content of trainers/testing/tiny.py. Returns (path, seconds spent
-    making it; 0 when cached)."""
+def full_checkpoint(arch: str = "sd15") -> tuple[Path, float]:
+    """The full-size random checkpoint of ``arch`` (SD1.5 by default) from the pack's ``make-tiny-model --size
+    full``, cached across sessions under ``$PERSONALIZE_TEST_CACHE`` keyed by the content of trainers/testing/tiny.py.
+    Returns (path, seconds spent making it; 0 when cached)."""
     key = hashlib.sha256((REPO / "trainers" / "testing" / "tiny.py").read_bytes()).hexdigest()[:16]
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"sd15-full-seed0-{key}.safetensors"
+    target = folder / f"{arch}-full-seed0-{key}.safetensors"
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two sessions at once: one makes it, the other waits and reuses it
         if target.is_file():
             return target, 0.0
         started = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=folder, prefix=".make-") as tmp:
-            proc = subprocess.run([sys.executable, "-c", _MAKE_FULL_MODEL, str(REPO / "__init__.py"), tmp],
+            proc = subprocess.run([sys.executable, "-c", _MAKE_FULL_MODEL, str(REPO / "__init__.py"), tmp, arch],
                                   capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 raise RuntimeError(f"make-tiny-model --size full failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
