@@ -33,7 +33,7 @@ def to_transformers(original: dict[str, torch.Tensor], layers: int | None = None
         if o in original:
             out[d] = original[o]
     if PROJECTION in original:
-        out["text_projection.weight"] = original[PROJECTION].t()
+        out["text_projection.weight"] = original[PROJECTION].t().contiguous()
     total = count_indices(original, "transformer.resblocks.")
     for i in range(total if layers is None else layers):
         src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
@@ -52,9 +53,7 @@ class SD15(Family):
         with torch.inference_mode(False):
             unet, vae = self.unet_and_vae(parts, dtype, owned)
             text_config = infer_text_config(parts["text_encoder"], shipped_config("sd15_text_encoder"))
-            # Built normally (it is small): CLIP keeps non-persistent buffers an empty init would leave unset.
-            text_encoder = CLIPTextModel(text_config).to(dtype).eval()
-            self.load_text_weights(text_encoder, parts["text_encoder"])
+            text_encoder = self.text_model(CLIPTextModel, text_config, parts["text_encoder"], dtype, owned)
         components = Components(family=self, unet=unet, vae=vae, text_encoder=text_encoder,
                                 tokenizer=tokenizer_for(text_encoder, tokenizer_dir),
                                 noise_scheduler=self.noise_scheduler(state_dict), name=name,
@@ -81,13 +80,17 @@ class SD15(Family):
                                    f"{error}") from None
         return unet, vae
 
-    def load_text_weights(self, text_encoder, weights: dict) -> None:
-        """Flat CLIP text weights (no ``text_model.``) into a transformers text model, strictly."""
-        rename = text_encoder_key_map(text_encoder.state_dict())
+    def text_model(self, model_class, config, weights: dict, dtype: torch.dtype, owned: bool):
+        """A transformers CLIP text model holding flat CLIP text weights (no ``text_model.``), built without random
+        init: a normal build would hold a second copy while loading (SDXL's bigG: 2.8 GB in fp32). Its
+        non-persistent position ids are made as usual (an empty init only skips parameters)."""
+        with init_empty_weights():
+            rename = text_encoder_key_map(model_class(config).state_dict())
+        # A projection (CLIPTextModelWithProjection) sits beside text_model, not in it.
+        named = {k if k == "text_projection.weight" else rename(k): v for k, v in weights.items()}
         try:
-            # A projection (CLIPTextModelWithProjection) sits beside text_model, not in it.
-            text_encoder.load_state_dict({k if k == "text_projection.weight" else rename(k): v
-                                          for k, v in weights.items()}, strict=True)
+            return materialize(lambda: model_class(config), named, dtype, "text encoder", self.title, owned,
+                               channels_last=False)
         except RuntimeError as error:
             raise PersonalizeError(f"the text encoder weights have unexpected shapes for an {self.title} model: "
                                    f"{error}") from None

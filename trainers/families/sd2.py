@@ -62,9 +62,8 @@ class SD2(SD15):
             text_weights, text_extras = split_text(parts["openclip"])
             config = openclip.infer_config(text_weights, shipped_config("sd2_text_encoder"))
             config["num_attention_heads"] = heads_for(config["hidden_size"])
-            # Built normally: CLIP keeps non-persistent buffers an empty init would leave unset.
-            text_encoder = CLIPTextModel(CLIPTextConfig(**config)).to(dtype).eval()
-            self.load_text_weights(text_encoder, openclip.to_transformers(text_weights))
+            text_encoder = self.text_model(CLIPTextModel, CLIPTextConfig(**config),
+                                           openclip.to_transformers(text_weights), dtype, owned)
         extras.update({TEXT_PREFIX + k: v.clone() for k, v in text_extras.items()})
         components = Components(family=self, unet=unet, vae=vae, text_encoder=text_encoder,
                                 tokenizer=openclip_tokenizer(text_encoder, tokenizer_dir),

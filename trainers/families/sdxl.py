@@ -74,11 +74,9 @@ class SDXL(SD15):
             # which would pick a token that Textual Inversion added.
             clip_config.eos_token_id = tokenizer.eos_token_id
             bigg_config["eos_token_id"] = tokenizer_2.eos_token_id
-            # Built normally: CLIP keeps non-persistent buffers an empty init would leave unset.
-            text_encoder = CLIPTextModel(clip_config).to(dtype).eval()
-            self.load_text_weights(text_encoder, parts["text_encoder"])
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**bigg_config)).to(dtype).eval()
-            self.load_text_weights(text_encoder_2, openclip.to_transformers(parts["openclip"]))
+            text_encoder = self.text_model(CLIPTextModel, clip_config, parts["text_encoder"], dtype, owned)
+            text_encoder_2 = self.text_model(CLIPTextModelWithProjection, CLIPTextConfig(**bigg_config),
+                                             openclip.to_transformers(parts["openclip"]), dtype, owned)
         components = Components(family=self, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                                 noise_scheduler=self.noise_scheduler(state_dict), name=name,

@@ -131,8 +131,8 @@ def _sd2_text_encoder(sizes: dict, tokenizer, tokenizer_dir) -> tuple[CLIPTextMo
     original = openclip.to_original(flat_text_state_dict(tower))
     original["logit_scale"] = torch.tensor(4.6052)  # ln(100), OpenCLIP's trained value
     weights, aside = sd2.split_text(original)
-    text_encoder = CLIPTextModel(config)
-    sd2.FAMILY.load_text_weights(text_encoder, openclip.to_transformers(weights))
+    text_encoder = sd2.FAMILY.text_model(CLIPTextModel, config, openclip.to_transformers(weights), torch.float32,
+                                         owned=False)
     extras = {sd2.TEXT_PREFIX + k: v for k, v in aside.items()}
     return text_encoder, dict(tokenizer=openclip_tokenizer(text_encoder, tokenizer_dir), original_extras=extras)
 
