@@ -1,9 +1,13 @@
-"""SDXL in the real ComfyUI: the full-size random SDXL checkpoint the pack writes (the original layout its DreamBooth
-export also writes) loads through CheckpointLoaderSimple as SDXL; a LoRA with UNet, CLIP-L (lora_te1) and bigG
-(lora_te2) adapters and an embedding with clip_l + clip_g vectors, both trained by the CLI on that checkpoint in
-separate processes (a full SDXL in fp32 is ~14 GB), load in LoraLoader and ``embedding:<name>`` with every key used.
+"""SDXL in the real ComfyUI.
 
-Needs ``PERSONALIZE_IT_SDXL_MIN_GIB`` (default 16) GiB of available memory; skips with the reason otherwise.
+ComfyUI's own SDXL text-encoder conversion (what the trainer nodes receive from a MODEL/CLIP) gives back the pack's
+layout. The full-size random SDXL checkpoint the pack writes (the original layout its DreamBooth export also writes)
+loads through CheckpointLoaderSimple as SDXL; a LoRA with UNet, CLIP-L (lora_te1) and bigG (lora_te2) adapters and an
+embedding with clip_l + clip_g vectors, both trained by the CLI on that checkpoint in separate processes (a full SDXL
+in fp32 is ~14 GB), load in LoraLoader and ``embedding:<name>`` with every key used.
+
+The full-size checks need ``PERSONALIZE_IT_SDXL_MIN_GIB`` (default 16) GiB of available memory; they skip with the
+reason otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .harness import full_checkpoint, record, record_run, saved_images, unit_conftest
 from .test_3_more_nodes import free_gib
@@ -25,6 +31,45 @@ MIN_FREE_GIB = float(os.environ.get("PERSONALIZE_IT_SDXL_MIN_GIB", "16"))
 CHECKPOINT = "personalize_sdxl_full.safetensors"
 LORA = "it_sdxl_lora"
 EMBEDDING = "it_sdxl_tok"
+
+
+# ComfyUI's SDXL model config renames a checkpoint's text encoders into its own modules (clip_l.*, clip_g.*: fused
+# in_proj split, projection transposed) and back for saving: the path comfy_state_dict takes for the trainer nodes.
+_COMFY_CLIP_ROUND_TRIP = """
+import sys
+source, target, comfy_dir = sys.argv[1:4]
+sys.path.insert(0, comfy_dir)
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+from safetensors.torch import load_file, save_file
+import comfy.supported_models as supported
+state_dict = load_file(source)
+config = supported.SDXL(dict(supported.SDXL.unet_config))
+clip = config.process_clip_state_dict({k: v for k, v in state_dict.items() if k.startswith("conditioner.")})
+assert any(k.startswith("clip_l.") for k in clip) and any(k.startswith("clip_g.") for k in clip), sorted(clip)[:5]
+saved = config.process_clip_state_dict_for_saving(clip)
+save_file({k: v.contiguous() for k, v in saved.items()}, target)
+"""
+
+
+def test_comfyuis_sdxl_text_encoder_layout_is_the_one_the_pack_reads_and_writes(comfy_setup, tmp_path):
+    pack = unit_conftest().pack
+    model = pack("trainers.testing.tiny").make_tiny_model(tmp_path / "tiny", arch="sdxl")
+    original = load_file(model["single_file"])
+    proc = subprocess.run([comfy_setup.python, "-c", _COMFY_CLIP_ROUND_TRIP, model["single_file"],
+                           str(tmp_path / "clip.safetensors"), str(comfy_setup.comfy_dir)],
+                          capture_output=True, text=True, timeout=600, cwd=comfy_setup.comfy_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_comfy = {k: v for k, v in original.items() if not k.startswith("conditioner.")}
+    from_comfy.update(load_file(tmp_path / "clip.safetensors"))
+    # The same tensors, plus the CLIP-L position ids ComfyUI adds; the pack keeps them and writes them back.
+    assert set(from_comfy) - set(original) == {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids"}
+    assert all(torch.equal(from_comfy[k], v) for k, v in original.items())
+    components = pack("trainers.models").components_from_original(from_comfy, model["tokenizer"])
+    assert components.family.name == "sdxl"
+    exported = pack("trainers.models").original_state_dict(components)
+    assert exported.keys() == from_comfy.keys() and all(torch.equal(exported[k], v) for k, v in from_comfy.items())
 
 
 def cli(*args: str) -> dict:
