@@ -1,7 +1,7 @@
-"""SDXL in the real ComfyUI.
+"""SDXL (and SD2.x's text encoder) in the real ComfyUI.
 
-ComfyUI's own SDXL text-encoder conversion (what the trainer nodes receive from a MODEL/CLIP) gives back the pack's
-layout. The full-size random SDXL checkpoint the pack writes (the original layout its DreamBooth export also writes)
+ComfyUI's own SDXL and SD2.x text-encoder conversion (what the trainer nodes receive from a MODEL/CLIP) gives back
+the pack's layout. The full-size random SDXL checkpoint the pack writes (the original layout its DreamBooth export also writes)
 loads through CheckpointLoaderSimple as SDXL; a LoRA with UNet, CLIP-L (lora_te1) and bigG (lora_te2) adapters and an
 embedding with clip_l + clip_g vectors, both trained by the CLI on that checkpoint in separate processes (a full SDXL
 in fp32 is ~14 GB), load in LoraLoader and ``embedding:<name>`` with every key used.
@@ -33,11 +33,12 @@ LORA = "it_sdxl_lora"
 EMBEDDING = "it_sdxl_tok"
 
 
-# ComfyUI's SDXL model config renames a checkpoint's text encoders into its own modules (clip_l.*, clip_g.*: fused
-# in_proj split, projection transposed) and back for saving: the path comfy_state_dict takes for the trainer nodes.
+# ComfyUI's model config renames a checkpoint's text encoders into its own modules (SDXL: clip_l.*, clip_g.*; SD2.x:
+# clip_h.*; fused in_proj split, projection transposed) and back for saving: the path comfy_state_dict takes for the
+# trainer nodes.
 _COMFY_CLIP_ROUND_TRIP = """
 import sys
-source, target, comfy_dir = sys.argv[1:4]
+source, target, comfy_dir, model_config, prefix = sys.argv[1:6]
 sys.path.insert(0, comfy_dir)
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options
@@ -45,29 +46,35 @@ comfy.options.enable_args_parsing()
 from safetensors.torch import load_file, save_file
 import comfy.supported_models as supported
 state_dict = load_file(source)
-config = supported.SDXL(dict(supported.SDXL.unet_config))
-clip = config.process_clip_state_dict({k: v for k, v in state_dict.items() if k.startswith("conditioner.")})
-assert any(k.startswith("clip_l.") for k in clip) and any(k.startswith("clip_g.") for k in clip), sorted(clip)[:5]
+config_class = getattr(supported, model_config)
+config = config_class(dict(config_class.unet_config))
+clip = config.process_clip_state_dict({k: v for k, v in state_dict.items() if k.startswith(prefix)})
+assert clip and all(k.startswith(("clip_l.", "clip_g.", "clip_h.")) for k in clip), sorted(clip)[:5]
 saved = config.process_clip_state_dict_for_saving(clip)
 save_file({k: v.contiguous() for k, v in saved.items()}, target)
 """
 
 
-def test_comfyuis_sdxl_text_encoder_layout_is_the_one_the_pack_reads_and_writes(comfy_setup, tmp_path):
+@pytest.mark.parametrize("arch, model_config, prefix, added", [
+    ("sdxl", "SDXL", "conditioner.", {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids"}),
+    ("sd2", "SD20", "cond_stage_model.", set()),
+])
+def test_comfyuis_text_encoder_layout_is_the_one_the_pack_reads_and_writes(comfy_setup, tmp_path, arch, model_config,
+                                                                           prefix, added):
     pack = unit_conftest().pack
-    model = pack("trainers.testing.tiny").make_tiny_model(tmp_path / "tiny", arch="sdxl")
+    model = pack("trainers.testing.tiny").make_tiny_model(tmp_path / "tiny", arch=arch)
     original = load_file(model["single_file"])
     proc = subprocess.run([comfy_setup.python, "-c", _COMFY_CLIP_ROUND_TRIP, model["single_file"],
-                           str(tmp_path / "clip.safetensors"), str(comfy_setup.comfy_dir)],
+                           str(tmp_path / "clip.safetensors"), str(comfy_setup.comfy_dir), model_config, prefix],
                           capture_output=True, text=True, timeout=600, cwd=comfy_setup.comfy_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from_comfy = {k: v for k, v in original.items() if not k.startswith("conditioner.")}
+    from_comfy = {k: v for k, v in original.items() if not k.startswith(prefix)}
     from_comfy.update(load_file(tmp_path / "clip.safetensors"))
-    # The same tensors, plus the CLIP-L position ids ComfyUI adds; the pack keeps them and writes them back.
-    assert set(from_comfy) - set(original) == {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids"}
+    # The same tensors (SDXL: plus the CLIP-L position ids ComfyUI adds, which the pack keeps and writes back).
+    assert set(from_comfy) - set(original) == added and set(original) <= set(from_comfy)
     assert all(torch.equal(from_comfy[k], v) for k, v in original.items())
     components = pack("trainers.models").components_from_original(from_comfy, model["tokenizer"])
-    assert components.family.name == "sdxl"
+    assert components.family.name == arch
     exported = pack("trainers.models").original_state_dict(components)
     assert exported.keys() == from_comfy.keys() and all(torch.equal(exported[k], v) for k, v in from_comfy.items())
 
