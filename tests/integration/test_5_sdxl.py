@@ -1,10 +1,10 @@
 """SDXL (and SD2.x's text encoder) in the real ComfyUI.
 
 ComfyUI's own SDXL and SD2.x text-encoder conversion (what the trainer nodes receive from a MODEL/CLIP) gives back
-the pack's layout. The full-size random SDXL checkpoint the pack writes (the original layout its DreamBooth export also writes)
-loads through CheckpointLoaderSimple as SDXL; a LoRA with UNet, CLIP-L (lora_te1) and bigG (lora_te2) adapters and an
-embedding with clip_l + clip_g vectors, both trained by the CLI on that checkpoint in separate processes (a full SDXL
-in fp32 is ~14 GB), load in LoraLoader and ``embedding:<name>`` with every key used.
+the pack's layout. The full-size random SDXL checkpoint the pack writes (the original layout its DreamBooth export
+also writes) loads through CheckpointLoaderSimple as SDXL; a LoRA with UNet, CLIP-L (lora_te1) and bigG (lora_te2)
+adapters and an embedding with clip_l + clip_g vectors, both trained by the CLI on that checkpoint in separate
+processes (a full SDXL in fp32 is ~14 GB), load in LoraLoader and ``embedding:<name>`` with every key used.
 
 The full-size checks need ``PERSONALIZE_IT_SDXL_MIN_GIB`` (default 16) GiB of available memory; they skip with the
 reason otherwise.
