@@ -1,6 +1,7 @@
-"""LoRA: low-rank adapters on the UNet's attention projections (optionally more, and the text encoder), the base
-frozen. Saved in kohya's layout, which ComfyUI's LoraLoader, A1111/Forge and diffusers all load with every key
-matched (modern diffusers/PEFT key names are silently ignored by ComfyUI).
+"""LoRA: low-rank adapters on the UNet's attention projections (optionally more, its 3x3 convolutions, and the text
+encoder), the base frozen; plain LoRA or one of its variants (DoRA, LoHa, LoKr: ``adapters.py``). Saved in kohya's
+(LyCORIS's) layout, which ComfyUI's LoraLoader loads with every key matched, as do A1111/Forge and diffusers for
+plain LoRA (modern diffusers/PEFT key names are silently ignored by ComfyUI).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from ..components import Components
 from ..config import TrainConfig
@@ -19,6 +19,7 @@ from ..export import IMPLEMENTATION_DIFFUSERS, SAVE_DTYPES, addnet_hashes, iso_d
 from ..families.clip import kohya_module_path
 from ..loop import TrainResult
 from ..options import option
+from .adapters import LORA_TYPES, AdapterSpec, inject, kohya_tensors
 from .base import Method
 
 UNET_TARGETS = {
@@ -37,12 +38,24 @@ class LoRAConfig(TrainConfig):
     rank: int = option(8, "LoRA rank: 4-16 for one subject; the file grows linearly with it", min=1, max=256)
     alpha: float = option(8.0, "LoRA alpha; adapters are scaled by alpha/rank", min=0.0, max=1024.0, step=0.5)
     unet_targets: str = option("attention", "UNet layers that get adapters", choices=tuple(UNET_TARGETS))
+    lora_type: str = option("lora", "lora: plain low-rank; dora: LoRA with a trained magnitude per output (DoRA); "
+                            "loha: Hadamard product of two low-rank pairs; lokr: Kronecker product (smallest "
+                            "files). All load in ComfyUI's LoraLoader", choices=LORA_TYPES, advanced=True)
+    conv_rank: int = option(0, "rank of adapters on the UNet's 3x3 convolutions (ResNet blocks, down/up-samplers: "
+                            "LoCon, kohya's conv_dim); 0 = none", min=0, max=256, advanced=True)
+    conv_alpha: float = option(1.0, "alpha of the convolution adapters (scaled by conv_alpha/conv_rank)", min=0.0,
+                               max=1024.0, step=0.5, advanced=True)
     save_precision: str = option("fp16", "precision of the saved weights", choices=tuple(SAVE_DTYPES),
                                  advanced=True)
 
 
-def _adapter_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in module.named_parameters() if "lora_" in n]
+def unet_adapters(config: LoRAConfig) -> AdapterSpec:
+    return AdapterSpec(config.lora_type, config.rank, config.alpha, tuple(UNET_TARGETS[config.unet_targets]),
+                       config.conv_rank, config.conv_alpha)
+
+
+def text_encoder_adapters(config: LoRAConfig, layers: int) -> AdapterSpec:
+    return AdapterSpec(config.lora_type, config.rank, config.alpha, tuple(TEXT_ENCODER_TARGETS), layers=layers)
 
 
 class LoRAMethod(Method):
@@ -55,17 +68,12 @@ class LoRAMethod(Method):
         encoders = [encoder for _, encoder in components.family.text_encoders(components)]
         for module in (components.unet, components.vae, *encoders):
             module.requires_grad_(False)
-        inject_adapter_in_model(LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                           target_modules=UNET_TARGETS[config.unet_targets]), components.unet)
-        groups = [{"params": _adapter_parameters(components.unet), "lr": config.lr}]
+        groups = [{"params": inject(components.unet, unet_adapters(config)), "lr": config.lr}]
         if config.train_text_encoder:
             for slot, encoder in components.family.text_encoders(components):
                 layers = encoder.config.num_hidden_layers - slot.unused_last_layers
-                inject_adapter_in_model(LoraConfig(r=config.rank, lora_alpha=config.alpha,
-                                                   init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS,
-                                                   layers_to_transform=list(range(layers)), layers_pattern="layers"),
-                                        encoder)
-                groups.append({"params": _adapter_parameters(encoder), "lr": config.text_encoder_lr})
+                groups.append({"params": inject(encoder, text_encoder_adapters(config, layers)),
+                               "lr": config.text_encoder_lr})
         for group in groups:
             for parameter in group["params"]:
                 parameter.requires_grad_(True)
@@ -74,15 +82,14 @@ class LoRAMethod(Method):
 
     def export(self, components: Components, config: LoRAConfig, result: TrainResult,
                path: Path) -> tuple[Path, dict[str, str]]:
-        tensors = kohya_state_dict(components, config.alpha, SAVE_DTYPES[config.save_precision],
+        tensors = kohya_state_dict(components, SAVE_DTYPES[config.save_precision],
                                    text_encoder=config.train_text_encoder)
         metadata = lora_metadata(components, config, result, path)
         metadata.update(addnet_hashes(tensors, metadata))
         return save_safetensors(tensors, path, metadata), metadata
 
 
-def kohya_state_dict(components: Components, alpha: float, dtype: torch.dtype,
-                     text_encoder: bool) -> dict[str, torch.Tensor]:
+def kohya_state_dict(components: Components, dtype: torch.dtype, text_encoder: bool) -> dict[str, torch.Tensor]:
     """``lora_unet_down_blocks_0_…_to_q.lora_down.weight`` / ``lora_te_text_model_encoder_layers_0_…``: the family's
     kohya prefixes, module paths with '.' → '_'."""
     family = components.family
@@ -92,22 +99,31 @@ def kohya_state_dict(components: Components, alpha: float, dtype: torch.dtype,
                     for slot, encoder in family.text_encoders(components)]
     out: dict[str, torch.Tensor] = {}
     for prefix, module, kohya_path in modules:
-        for key, value in get_peft_model_state_dict(module).items():
-            module_path, part = key.rsplit(".lora_", 1)
-            name = f"{prefix}_{kohya_path(module_path).replace('.', '_')}"
-            out[f"{name}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value.to(dtype)
-            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        out.update(kohya_tensors(module, prefix, kohya_path, dtype))
     return out
+
+
+def network_args(config: LoRAConfig) -> dict[str, str]:
+    """kohya's ss_network_args, with LyCORIS's names for the variant (algo, conv_dim, conv_alpha, dora_wd)."""
+    args = {"unet_targets": config.unet_targets}
+    if config.lora_type != "lora" or config.conv_rank:
+        args["algo"] = "lora" if config.lora_type == "dora" else config.lora_type
+        if config.lora_type == "dora":
+            args["dora_wd"] = "True"
+        if config.conv_rank:
+            args.update(conv_dim=str(config.conv_rank), conv_alpha=f"{config.conv_alpha:g}")
+    return args
 
 
 def lora_metadata(components: Components, config: LoRAConfig, result: TrainResult, path: Path) -> dict[str, str]:
     title = path.stem
     return {
         **provenance_metadata("lora", components.name, components.fingerprint, config, result),
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if config.lora_type == "lora" and not config.conv_rank
+        else "lycoris.kohya",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": f"{config.alpha:g}",
-        "ss_network_args": json.dumps({"unet_targets": config.unet_targets}),
+        "ss_network_args": json.dumps(network_args(config)),
         "ss_learning_rate": f"{config.lr:g}",
         "ss_unet_lr": f"{config.lr:g}",
         "ss_text_encoder_lr": f"{config.text_encoder_lr:g}" if config.train_text_encoder else "0",
