@@ -32,6 +32,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "(.safetensors, or .ckpt loaded with weights_only)")
     parser.add_argument("--images", required=True, help="folder of subject photos (JPEG/PNG/WebP, optional "
                         "<image>.txt captions)")
+    parser.add_argument("--masks", default=None, help="masked loss: a folder of masks named like the photos (white = "
+                        "subject, black = background, weighted by --mask-floor), or 'alpha' for the photos' "
+                        "transparency")
     parser.add_argument("--out", required=True, help="output file; one already trained from the same inputs is "
                         "reused")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it was trained from other inputs")
@@ -54,7 +57,8 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
     if out.resolve() == Path(args.base).expanduser().resolve():
         raise PersonalizeError(f"--out {out} is the base model itself; write the result to another file")
     device = resolve_device(args.device)
-    subject = load_subject_folder(args.images, resolution=config.resolution)
+    subject = load_subject_folder(args.images, resolution=config.resolution,
+                                  fit="keep" if config.bucketing else "crop", masks=args.masks)
     dino = metrics.load_dino(args.dino_model, device) if args.dino_model else None
     clip = metrics.load_clip(args.clip_model, device) if args.clip_model else None
     base = BaseModel.loaded(load_base(args.base, tokenizer_dir=args.tokenizer))
@@ -65,7 +69,8 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
                                       Output.file(out, overwrite=args.overwrite), class_cache_dir=args.class_cache,
                                       device=device, callbacks=terminal_callbacks(lambda: stop["requested"])
                                       if is_main_process() else Callbacks(should_stop=lambda: stop["requested"]),
-                                      release_frozen=True, resume=args.resume, dino=dino, clip=clip)
+                                      release_frozen=True, resume=args.resume, dino=dino, clip=clip,
+                                      masks=subject.masks)
     except (TrainingCancelled, KeyboardInterrupt):
         folder = state_folder(out)
         if folder.is_dir():
@@ -87,6 +92,7 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
             "seconds_per_step": round(result.seconds_per_step, 4) if result else None,
             "startup_seconds": round(result.startup_seconds, 3) if result else None,
             "bytes": artifact.path.stat().st_size if artifact.path.is_file() else None, "images": len(subject.files),
+            "buckets": result.buckets if result else None,
             "class_images_generated": artifact.class_images_generated, "warnings": subject.warnings}
 
 

@@ -20,8 +20,8 @@ class TrainConfig:
     steps: int = option(800, "optimizer steps", min=1, max=100_000)
     lr: float = option(1e-4, "learning rate", min=0.0, max=1.0, step=1e-6)
     batch_size: int = option(1, "images per step", min=1, max=64)
-    resolution: int = option(512, "training resolution in pixels (images are center-cropped squares)",
-                             min=64, max=2048, step=8)
+    resolution: int = option(512, "training resolution in pixels: the side of the square, and the area of the "
+                             "aspect buckets", min=64, max=2048, step=8)
     seed: int = option(0, "seed for noise, timesteps and image order; the same seed repeats a run exactly on CPU",
                        min=0, max=MAX_SEED)
     lr_scheduler: str = option("constant", "learning-rate schedule",
@@ -40,6 +40,12 @@ class TrainConfig:
                                   min=0.0, max=100.0, step=0.5, advanced=True)
     noise_offset: float = option(0.0, "noise offset (0.05-0.1 helps very dark or bright images)",
                                  min=0.0, max=1.0, step=0.01, advanced=True)
+    bucketing: bool = option(True, "aspect-ratio buckets: each photo keeps its shape (cropped only to the nearest "
+                             "size in multiples of 64 of about the resolution's area); off = center-cropped squares",
+                             advanced=True)
+    mask_floor: float = option(0.05, "masked loss: weight of the background (mask 0) relative to the subject "
+                               "(mask 1); only used when masks are given", min=0.0, max=1.0, step=0.01,
+                               advanced=True)
     flip: bool = option(False, "random horizontal flips (off: many subjects are not symmetric)", advanced=True)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", min=0.0, max=100.0, advanced=True)
     class_prompt: str = option("", "class prompt for prior preservation, e.g. 'a photo of a dog' "

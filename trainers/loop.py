@@ -25,6 +25,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from PIL import Image
 
+from .buckets import LatentCache, PreparedImages, square_images
 from .components import Components
 from .config import TrainConfig
 from .device import free_memory, resolve_device
@@ -113,6 +114,8 @@ class TrainResult:
     best_step: int | None = None
     selection: str = ""
     validation_seconds: float = 0.0
+    # Set by run.personalize: the aspect buckets used (buckets.PreparedImages.report).
+    buckets: list[dict] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -151,8 +154,15 @@ def denoising_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
     raise PersonalizeError(f"unsupported prediction type {prediction!r} in the model's scheduler config")
 
 
-def per_sample_loss(prediction, target, scheduler, timesteps, min_snr_gamma: float) -> torch.Tensor:
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+def per_sample_loss(prediction, target, scheduler, timesteps, min_snr_gamma: float,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE per sample; ``weights`` [b, 1, h, w] (masked loss) make it a weighted mean over the latent's pixels."""
+    squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if weights is None:
+        loss = squared.mean(dim=(1, 2, 3))
+    else:
+        weights = weights.expand_as(squared)
+        loss = (squared * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3)).clamp_min(1e-8)
     if min_snr_gamma > 0:
         snr = compute_snr(scheduler, timesteps)
         clipped = torch.clamp(snr, max=min_snr_gamma)
@@ -195,11 +205,12 @@ def _cosine_or_constant(optimizer, config: TrainConfig):
                          num_training_steps=config.steps)
 
 
-def train(components: Components, method: Method, instance_pixels: torch.Tensor, captions: list[str],
+def train(components: Components, method: Method, instance_pixels: torch.Tensor | PreparedImages, captions: list[str],
           config: TrainConfig, *, class_pixels: torch.Tensor | None = None, device: torch.device | None = None,
           callbacks: Callbacks | None = None, release_frozen: bool = False,
           session: StepHooks | None = None) -> TrainResult:
-    """Train ``components`` in place with ``method``. Pixels are [B,3,R,R] in -1..1 on any device.
+    """Train ``components`` in place with ``method``. Pixels are [B,3,R,R] in -1..1 on any device, or photos in
+    aspect buckets (``buckets.prepare_images``).
 
     ``release_frozen`` is for callers that discard the components after the export (the node, the CLI): once the
     latents (and, with a frozen text encoder, the prompt embeddings) are cached, training runs without the VAE and
@@ -213,7 +224,9 @@ def train(components: Components, method: Method, instance_pixels: torch.Tensor,
     with torch.inference_mode(False), torch.enable_grad():
         hooks = []
         try:
-            return _train(components, method, instance_pixels.clone(), captions, config,
+            instances = square_images(instance_pixels.clone()) if torch.is_tensor(instance_pixels) \
+                else instance_pixels
+            return _train(components, method, instances, captions, config,
                           None if class_pixels is None else class_pixels.clone(), device, callbacks, release_frozen,
                           hooks, session)
         except torch.OutOfMemoryError:
@@ -323,7 +336,7 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
             return torch.stack([mean, flipped[0]]), torch.stack([std, flipped[1]])
         return mean.unsqueeze(0), std.unsqueeze(0)
 
-    instance_mean, instance_std = posterior(instance_pixels)
+    instances = LatentCache(instance_pixels, posterior, config.flip, config.mask_floor)
     class_mean = class_std = None
     if use_prior:
         class_mean, class_std = posterior(class_pixels)
@@ -360,7 +373,25 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
     predict = parallel.wrap(predict, [unet] + [encoder for _, encoder in family.text_encoders(components)])
     global_batch = parallel.global_batch(config.batch_size)
 
-    n_images = instance_mean.shape[1]
+    def denoising_losses(mean, std, prompt_ids, weights, parts: int) -> torch.Tensor:
+        """Per-sample losses of this process's rows of one UNet batch of ``parts`` equal groups (instance rows, then
+        class rows)."""
+        count = mean.shape[0]
+        latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * scaling
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn((count, latents.shape[1], 1, 1),
+                                                              generator=generator).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator).to(device)
+        rows = parallel.local_rows(parts, latents, noise, timesteps, prompt_ids, *([] if weights is None else [weights]))
+        latents, noise, timesteps, prompt_ids = rows[:4]
+        weights = rows[4].to(device) if weights is not None else None
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = denoising_target(scheduler, latents, noise, timesteps)
+        with autocast():
+            prediction = predict(noisy, timesteps, prompt_ids)
+        return per_sample_loss(prediction, target, scheduler, timesteps, config.min_snr_gamma, weights)
+
     losses, lrs, instance_losses, prior_losses, step_times = [], [], [], [], []
     history = dict(losses=losses, lrs=lrs, instance_losses=instance_losses, prior_losses=prior_losses)
     done = session.attach(LiveRun(components, method, config, trainable, optimizer, lr_schedule, scaler, generator,
@@ -374,31 +405,24 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
         step_loss = step_instance = step_prior = 0.0
         for micro_batch in range(config.gradient_accumulation):
             parallel.sync_gradients(micro_batch == config.gradient_accumulation - 1)
-            index = torch.randint(0, n_images, (global_batch,), generator=generator)
-            view = torch.randint(0, instance_mean.shape[0], (global_batch,), generator=generator)
-            mean, std = instance_mean[view, index], instance_std[view, index]
+            batch = instances.draw(generator, global_batch)
+            mean, std, weights = batch.mean, batch.std, batch.weights
             prompt_ids = [prompt_index[options[int(torch.randint(0, len(options), (1,), generator=generator))]]
-                          for options in (prompt_options[i] for i in index.tolist())]
+                          for options in (prompt_options[i] for i in batch.indices)]
+            parts, groups = [], 1
             if use_prior:
                 c_index = torch.randint(0, class_mean.shape[1], (global_batch,), generator=generator)
                 c_view = torch.randint(0, class_mean.shape[0], (global_batch,), generator=generator)
-                mean = torch.cat([mean, class_mean[c_view, c_index]])
-                std = torch.cat([std, class_std[c_view, c_index]])
-                prompt_ids += [prompt_index[config.class_prompt]] * global_batch
-            count = mean.shape[0]
-            latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * scaling
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            if config.noise_offset:
-                noise = noise + config.noise_offset * torch.randn((count, latents.shape[1], 1, 1),
-                                                                  generator=generator).to(device)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator).to(device)
-            latents, noise, timesteps, prompt_ids = parallel.local_rows(2 if use_prior else 1, latents, noise,
-                                                                        timesteps, prompt_ids)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = denoising_target(scheduler, latents, noise, timesteps)
-            with autocast():
-                prediction = predict(noisy, timesteps, prompt_ids)
-            per_sample = per_sample_loss(prediction, target, scheduler, timesteps, config.min_snr_gamma)
+                c_mean, c_std = class_mean[c_view, c_index], class_std[c_view, c_index]
+                c_ids = [prompt_index[config.class_prompt]] * global_batch
+                if c_mean.shape == mean.shape:  # one UNet batch
+                    weights = None if weights is None else torch.cat([weights, torch.ones_like(weights)])
+                    mean, std, prompt_ids = torch.cat([mean, c_mean]), torch.cat([std, c_std]), prompt_ids + c_ids
+                    groups = 2
+                else:  # a bucket of another size than the (square) class images: a second pass
+                    parts.append((c_mean, c_std, c_ids, None, 1))
+            per_sample = torch.cat([denoising_losses(*part)
+                                    for part in [(mean, std, prompt_ids, weights, groups)] + parts])
             instance_term = per_sample[: config.batch_size].mean()
             loss = instance_term
             if use_prior:

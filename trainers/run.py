@@ -17,10 +17,11 @@ from typing import Callable
 
 import torch
 
+from .buckets import prepare_images
 from .checkpoints import read_metadata
 from .components import Components
 from .config import TrainConfig
-from .data import images_to_training_pixels
+from .data import as_image_list, as_square_batch
 from .device import resolve_device
 from .distributed import main_process_first, on_main_process, refuse_state_under_launcher
 from .errors import PersonalizeError
@@ -125,39 +126,52 @@ def default_cache_dir() -> Path:
     return Path(root) / "comfyui-personalize"
 
 
-def training_fingerprint(method: Method, config: TrainConfig, images: torch.Tensor, captions: list[str],
-                         base_fingerprint: str) -> str:
-    """A hash of every input that shapes the result: the method, every option, the image contents, the captions
-    and the base model. Equal fingerprints mean a rerun would train the same thing."""
+def training_fingerprint(method: Method, config: TrainConfig, images, captions: list[str],
+                         base_fingerprint: str, masks=None) -> str:
+    """A hash of every input that shapes the result: the method, every option, the image contents (and masks), the
+    captions and the base model. Equal fingerprints mean a rerun would train the same thing."""
     digest = hashlib.sha256()
-    digest.update(f"{method.name}|{reuse_view(config)!r}|{base_fingerprint}|{captions!r}|{tuple(images.shape)}".encode())
-    digest.update(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    if torch.is_tensor(images):  # a batch: hashed as before lists of images existed (earlier files stay reusable)
+        digest.update(f"{method.name}|{reuse_view(config)!r}|{base_fingerprint}|{captions!r}|{tuple(images.shape)}".encode())
+        tensors = [images]
+    else:
+        tensors = as_image_list(images)
+        shapes = [tuple(t.shape) for t in tensors]
+        digest.update(f"{method.name}|{reuse_view(config)!r}|{base_fingerprint}|{captions!r}|{shapes}".encode())
+    for tensor in tensors + list(masks if masks is not None else []):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    if masks is not None:
+        digest.update(repr([tuple(m.shape) for m in masks]).encode())
     return digest.hexdigest()[:20]
 
 
-def _captions(images: torch.Tensor, captions: list[str] | None) -> list[str]:
-    captions = list(captions or [""] * images.shape[0])
-    if len(captions) != images.shape[0]:
-        raise PersonalizeError(f"got {images.shape[0]} images but {len(captions)} captions; give one caption per "
+def _captions(images, captions: list[str] | None, masks=None) -> list[str]:
+    count = len(as_image_list(images))
+    captions = list(captions or [""] * count)
+    if len(captions) != count:
+        raise PersonalizeError(f"got {count} images but {len(captions)} captions; give one caption per "
                                "image (an empty one is fine)")
+    if masks is not None and len(masks) != count:
+        raise PersonalizeError(f"got {count} images but {len(masks)} masks; give one mask per image")
     return captions
 
 
-def train_or_reuse(base: BaseModel, method: Method, images: torch.Tensor, captions: list[str] | None,
+def train_or_reuse(base: BaseModel, method: Method, images, captions: list[str] | None,
                    config: TrainConfig, output: Output, *, resume: bool = False, **run_options) -> Artifact:
     """The artifact of training ``method`` on ``images``: an earlier one made from exactly these inputs (same
     fingerprint), else a new one (``run_options`` as for ``personalize``). The base is loaded only to train.
 
     With ``resume``, a training state saved beside the output by a run of the same inputs (``steps`` aside) is
     continued, and that run's artifact replaced; a state of other inputs at the path to write is refused."""
-    captions = _captions(images, captions)
-    fingerprint = training_fingerprint(method, config, images, captions, base.fingerprint)
+    masks = run_options.get("masks")
+    captions = _captions(images, captions, masks)
+    fingerprint = training_fingerprint(method, config, images, captions, base.fingerprint, masks)
     existing = output.find(fingerprint)
     if existing is not None:
         metadata = read_metadata(existing)
         return Artifact(path=existing, method=method.name, metadata=metadata, reused=True,
                         losses=json.loads(metadata.get("personalize.losses", "[]")))
-    inputs = run_inputs(method.name, config, images, captions, base.fingerprint)
+    inputs = run_inputs(method.name, config, images, captions, base.fingerprint, run_options.get("masks"))
     # Before loading or training: a refused name or resume fails in seconds.
     path = (resume and output.resumable(inputs)) or output.resolve()
     if resume:
@@ -166,26 +180,29 @@ def train_or_reuse(base: BaseModel, method: Method, images: torch.Tensor, captio
                        resume=resume, inputs=inputs, **run_options)
 
 
-def personalize(components: Components, method: Method, images: torch.Tensor, captions: list[str] | None,
+def personalize(components: Components, method: Method, images, captions: list[str] | None,
                 config: TrainConfig, out_path: str | Path, *, fingerprint: str | None = None,
                 class_cache_dir: str | Path | None = None, device: torch.device | None = None,
                 callbacks: Callbacks | None = None, release_frozen: bool = False, resume: bool = False,
-                dino=None, clip=None, inputs: dict | None = None) -> Artifact:
-    """Train ``method`` on ``images`` (a ComfyUI IMAGE batch [B,H,W,3] in 0..1) and write its artifact.
+                dino=None, clip=None, inputs: dict | None = None, masks=None) -> Artifact:
+    """Train ``method`` on ``images`` (a ComfyUI IMAGE batch [B,H,W,3] in 0..1, or a list of images at their own
+    sizes) and write its artifact. ``masks``: one [H,W] mask in 0..1 per image (masked loss), or None.
     ``release_frozen``: the caller discards ``components`` afterwards (see ``loop.train``). ``resume`` continues
     the training state beside ``out_path`` (see ``state``); ``dino`` / ``clip`` (``metrics`` embedders) score
     the validation samples when ``validate_every`` is set."""
     refuse_state_under_launcher(config, resume)
     callbacks = callbacks or Callbacks()
     device = device or resolve_device()
-    captions = _captions(images, captions)
+    captions = _captions(images, captions, masks)
     out_path = Path(out_path)
-    pixels = images_to_training_pixels(images, config.resolution)
+    prepared = prepare_images(images, config.resolution, config.bucketing, masks)
     if fingerprint is None:
-        fingerprint = training_fingerprint(method, config, images, captions, components.fingerprint)
-    inputs = inputs or run_inputs(method.name, config, images, captions, components.fingerprint)
+        fingerprint = training_fingerprint(method, config, images, captions, components.fingerprint, masks)
+    inputs = inputs or run_inputs(method.name, config, images, captions, components.fingerprint, masks)
+    references = as_square_batch(images, config.resolution)
     session = TrainingSession(out_path, inputs, resume=resume,
-                              validator=Validator.for_run(config, method.preview_prompt(config), images, dino, clip))
+                              validator=Validator.for_run(config, method.preview_prompt(config), references, dino,
+                                                          clip))
     if resume:
         check_resume(out_path, inputs, config.steps)
     class_pixels, class_dir, generated = None, None, 0
@@ -200,8 +217,9 @@ def personalize(components: Components, method: Method, images: torch.Tensor, ca
             class_pixels, class_dir, generated = class_images(
                 components, config, class_cache_dir or default_cache_dir() / "class_images",
                 on_progress=progress, should_stop=callbacks.should_stop)
-    result = train(components, method, pixels, captions, config, class_pixels=class_pixels, device=device,
+    result = train(components, method, prepared, captions, config, class_pixels=class_pixels, device=device,
                    callbacks=callbacks, release_frozen=release_frozen, session=session)
+    result.buckets = prepared.report()
     result.input_fingerprint = fingerprint
     session.choose(result)
     exported = on_main_process(lambda: method.export(components, config, result, out_path))

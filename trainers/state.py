@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
+from .data import as_image_list
 from .errors import PersonalizeError
 from .export import iso_date, save_safetensors
 from .files import atomic_path
@@ -65,11 +66,15 @@ def checkpoint_path(out_path: Path, step: int) -> Path:
     return out_path.with_name(f"{out_path.stem}-step{step}{out_path.suffix}")
 
 
-def run_inputs(method_name: str, config: TrainConfig, images: torch.Tensor, captions: list[str],
-               base_fingerprint: str) -> dict:
-    """Everything a step depends on, as plain JSON: stored with each save and compared field by field."""
-    digest = hashlib.sha256(f"{tuple(images.shape)}".encode())
-    digest.update(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+def run_inputs(method_name: str, config: TrainConfig, images, captions: list[str], base_fingerprint: str,
+               masks=None) -> dict:
+    """Everything a step depends on, as plain JSON: stored with each save and compared field by field. ``images``:
+    a batch, or a list of images at their own sizes; ``masks``: the masked loss's, or None."""
+    tensors = [images] if torch.is_tensor(images) else as_image_list(images)
+    shapes = tuple(images.shape) if torch.is_tensor(images) else [tuple(t.shape) for t in tensors]
+    digest = hashlib.sha256(f"{shapes}".encode())
+    for tensor in tensors + list(masks if masks is not None else []):
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return {"method": method_name,
             "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_TRAINING_INPUTS},
             "base model": base_fingerprint, "subject images": digest.hexdigest()[:20], "captions": list(captions)}
