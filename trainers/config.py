@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .optim import OPTIMIZERS
 from .options import option
 
 MAX_SEED = 2**32 - 1
@@ -24,8 +25,18 @@ class TrainConfig:
                              "aspect buckets", min=64, max=2048, step=8)
     seed: int = option(0, "seed for noise, timesteps and image order; the same seed repeats a run exactly on CPU",
                        min=0, max=MAX_SEED)
+    optimizer: str = option("adamw", "adamw (8-bit from bitsandbytes on CUDA when use_8bit_adam is on and it is "
+                            "installed); adamw8bit (needs bitsandbytes); adafactor (transformers); prodigy (needs "
+                            "prodigyopt; it sets the step size itself: use lr 1.0)", choices=OPTIMIZERS, advanced=True)
     lr_scheduler: str = option("constant", "learning-rate schedule",
-                               choices=("constant", "constant_with_warmup", "cosine"), advanced=True)
+                               choices=("constant", "constant_with_warmup", "cosine", "cosine_with_restarts",
+                                        "polynomial"), advanced=True)
+    lr_cycles: int = option(1, "hard restarts of the cosine_with_restarts schedule", min=1, max=100, advanced=True)
+    lr_power: float = option(1.0, "power of the polynomial schedule (1 = linear decay)", min=0.1, max=10.0,
+                             step=0.1, advanced=True)
+    ema_decay: float = option(0.0, "exponential moving average of the trained weights, saved instead of the last "
+                              "ones (0 = off; 0.999 is usual; warms up over the first steps; one more copy of the "
+                              "trained weights in memory)", min=0.0, max=0.99999, step=0.0001, advanced=True)
     warmup_steps: int = option(0, "warm-up steps for the constant_with_warmup and cosine schedules",
                                min=0, max=100_000, advanced=True)
     gradient_accumulation: int = option(1, "micro-batches accumulated per optimizer step", min=1, max=64,

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 
 from .buckets import LatentCache, PreparedImages, square_images
@@ -202,7 +202,7 @@ def fixed_denoising_loss(components: Components, pixels: torch.Tensor, prompt: s
 
 def _cosine_or_constant(optimizer, config: TrainConfig):
     return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.warmup_steps,
-                         num_training_steps=config.steps)
+                         num_training_steps=config.steps, num_cycles=config.lr_cycles, power=config.lr_power)
 
 
 def train(components: Components, method: Method, instance_pixels: torch.Tensor | PreparedImages, captions: list[str],
@@ -357,6 +357,7 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
 
     optimizer = method.make_optimizer(groups, config, device)
     lr_schedule = _cosine_or_constant(optimizer, config)
+    ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     fused = method.attach_optimizer(optimizer, config, device, loss_scaled=scaler is not None)
     hooks += fused + cancel_checks(unet, callbacks, in_backward=not fused)
@@ -383,7 +384,8 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
             noise = noise + config.noise_offset * torch.randn((count, latents.shape[1], 1, 1),
                                                               generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator).to(device)
-        rows = parallel.local_rows(parts, latents, noise, timesteps, prompt_ids, *([] if weights is None else [weights]))
+        rows = parallel.local_rows(parts, latents, noise, timesteps, prompt_ids,
+                                   *([] if weights is None else [weights]))
         latents, noise, timesteps, prompt_ids = rows[:4]
         weights = rows[4].to(device) if weights is not None else None
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -448,6 +450,8 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         method.after_step(components, step, config)
+        if ema is not None:
+            ema.step(trainable)
         parallel.after_step()
         step_loss, step_instance, step_prior = parallel.average(step_loss, step_instance, step_prior)
 
@@ -467,6 +471,8 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
         if callbacks.on_preview and config.preview_every and step % config.preview_every == 0:
             callbacks.on_preview(step, preview(components, method.preview_prompt(config), config, amp_dtype))
         session.step_finished(step)
+    if ema is not None:
+        ema.copy_to(trainable)  # the averaged weights are the ones exported (a best step chosen below wins)
     session.finished()
     unet.eval()
     _text_encoders_train(components, False, False)

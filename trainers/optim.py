@@ -13,9 +13,48 @@ same way, so the optimizer needs 4 bytes per parameter.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
+
+from .errors import PersonalizeError
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+# The optional packages behind some optimizers: (module, pip name).
+_OPTIONAL = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigyopt")}
+
+
+def check_optimizer(config) -> None:
+    """Before any work: the chosen optimizer's package is there (never a silent fallback to another optimizer)."""
+    if config.optimizer in _OPTIONAL:
+        module, package = _OPTIONAL[config.optimizer]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise PersonalizeError(f"optimizer {config.optimizer} needs the {package} package, which is not "
+                                   f"installed: pip install {package}, or choose another optimizer "
+                                   f"({', '.join(OPTIMIZERS)})") from None
+
+
+def make_optimizer(groups: list[dict], config, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``config.optimizer`` names, over parameter groups that carry their own learning rates."""
+    check_optimizer(config)
+    if config.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed (scheduled) learning rate, as kohya's and diffusers' scripts use it for fine-tuning.
+        return Adafactor(groups, lr=groups[0]["lr"], relative_step=False, scale_parameter=False, warmup_init=False)
+    if config.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        # Prodigy estimates the step size itself; lr multiplies its estimate (1.0 is the authors' setting).
+        return Prodigy(groups, lr=groups[0]["lr"], weight_decay=1e-2)
+    return make_adamw(groups, config, device)
 
 
 def make_adamw(groups: list[dict], config, device: torch.device) -> torch.optim.Optimizer:

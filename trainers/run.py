@@ -28,6 +28,7 @@ from .errors import PersonalizeError
 from .files import output_path, sanitize_name
 from .loop import Callbacks, TrainResult, move_to, train
 from .methods.base import Method
+from .optim import check_optimizer
 from .prior import class_images
 from .state import TrainingSession, check_resume, resumable, reuse_view, run_inputs
 from .validation import Validator
@@ -193,6 +194,7 @@ def personalize(components: Components, method: Method, images, captions: list[s
     refuse_state_under_launcher(config, resume)
     callbacks = callbacks or Callbacks()
     device = device or resolve_device()
+    check_optimizer(config)
     captions = _captions(images, captions, masks)
     out_path = Path(out_path)
     prepared = prepare_images(images, config.resolution, config.bucketing, masks)

@@ -10,7 +10,7 @@ import torch
 
 from ..components import Components
 from ..config import TrainConfig
-from ..optim import make_adamw
+from ..optim import make_optimizer
 
 if TYPE_CHECKING:
     from ..loop import TrainResult
@@ -39,7 +39,7 @@ class Method:
         return config.prompt
 
     def make_optimizer(self, groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-        return make_adamw(groups, config, device)
+        return make_optimizer(groups, config, device)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device,
                          loss_scaled: bool) -> list:

@@ -108,6 +108,9 @@ class DreamBoothMethod(Method):
             return Adafactor(groups, lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False,
                              weight_decay=1e-2)
         if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
+            if config.optimizer != "adamw":
+                raise PersonalizeError(f"weights_dtype bf16 trains with its own stochastic-rounding AdamW, not "
+                                       f"{config.optimizer}; set optimizer to adamw or weights_dtype to fp32")
             # Weights trained in bf16: torch's AdamW rounds each update to nearest, which loses most at DreamBooth's lr.
             return StochasticAdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         return super().make_optimizer(groups, config, device)
