@@ -57,6 +57,13 @@ class TrainConfig:
     mask_floor: float = option(0.05, "masked loss: weight of the background (mask 0) relative to the subject "
                                "(mask 1); only used when masks are given", min=0.0, max=1.0, step=0.01,
                                advanced=True)
+    caption_dropout: float = option(0.0, "share of steps that train on the prompt without the image's caption, so "
+                                    "the trigger alone carries the subject", min=0.0, max=1.0, step=0.05,
+                                    advanced=True)
+    shuffle_tags: bool = option(False, "shuffle the comma-separated tags of prompt + caption, keeping the first "
+                                "keep_tags in place", advanced=True)
+    keep_tags: int = option(1, "tags that stay first when shuffling (1 = the prompt with the trigger, when it has "
+                            "no comma)", min=0, max=100, advanced=True)
     flip: bool = option(False, "random horizontal flips (off: many subjects are not symmetric)", advanced=True)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", min=0.0, max=100.0, advanced=True)
     class_prompt: str = option("", "class prompt for prior preservation, e.g. 'a photo of a dog' "

@@ -26,6 +26,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 
 from .buckets import LatentCache, PreparedImages, square_images
+from .captions import choose
 from .components import Components
 from .config import TrainConfig
 from .device import free_memory, resolve_device
@@ -343,8 +344,9 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
     scaling = components.vae.config.scaling_factor
 
     prompt_options = method.prompts(config, captions)
-    all_prompts = sorted({p for options in prompt_options for p in options} | ({config.class_prompt} if use_prior
-                                                                              else set()))
+    uncaptioned = method.prompts(config, [""] * len(captions)) if config.caption_dropout else None
+    all_prompts = sorted({p for options in prompt_options + (uncaptioned or []) for p in options} |
+                         ({config.class_prompt} if use_prior else set()))
     prompt_index = {p: i for i, p in enumerate(all_prompts)}
     all_ids = family.tokenize(components, all_prompts)
     cached_conditioning = None
@@ -409,8 +411,8 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
             parallel.sync_gradients(micro_batch == config.gradient_accumulation - 1)
             batch = instances.draw(generator, global_batch)
             mean, std, weights = batch.mean, batch.std, batch.weights
-            prompt_ids = [prompt_index[options[int(torch.randint(0, len(options), (1,), generator=generator))]]
-                          for options in (prompt_options[i] for i in batch.indices)]
+            prompt_ids = [prompt_index[choose(prompt_options[i], uncaptioned and uncaptioned[i],
+                                              config.caption_dropout, generator)] for i in batch.indices]
             parts, groups = [], 1
             if use_prior:
                 c_index = torch.randint(0, class_mean.shape[1], (global_batch,), generator=generator)

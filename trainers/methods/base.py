@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..captions import compose, with_shuffling
 from ..components import Components
 from ..config import TrainConfig
 from ..optim import make_optimizer
@@ -32,11 +33,12 @@ class Method:
         return components.family.encode(components, input_ids)
 
     def prompts(self, config: TrainConfig, captions: list[str]) -> list[list[str]]:
-        """For each instance image, the prompts a step may pick from (one, unless the method varies them)."""
-        return [[f"{config.prompt}, {c}" if c.strip() else config.prompt] for c in captions]
+        """For each instance image, the prompts a step may pick from (one, unless the method varies them or tags are
+        shuffled): the instance prompt, then the caption (``captions.compose``)."""
+        return with_shuffling([[compose(config.prompt, c)] for c in captions], config)
 
     def preview_prompt(self, config: TrainConfig) -> str:
-        return config.prompt
+        return compose(config.prompt, "")
 
     def make_optimizer(self, groups: list[dict], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
         return make_optimizer(groups, config, device)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..captions import compose, with_shuffling
 from ..checkpoints import read_metadata
 from ..components import Components
 from ..config import TrainConfig
@@ -193,10 +194,10 @@ class EmbeddingMethod(Method):
     def prompts(self, config: EmbeddingConfig, captions: list[str]) -> list[list[str]]:
         placeholder = " ".join(token_names(config.token, config.vectors))
         options = [t.format(placeholder) for t in TEMPLATES[config.templates]]
-        return [[f"{p}, {c}" if c.strip() else p for p in options] for c in captions]
+        return with_shuffling([[compose(p, c) for p in options] for c in captions], config)
 
     def preview_prompt(self, config: EmbeddingConfig) -> str:
-        return TEMPLATES[config.templates][0].format(" ".join(token_names(config.token, config.vectors)))
+        return compose(TEMPLATES[config.templates][0].format(" ".join(token_names(config.token, config.vectors))), "")
 
     def export(self, components: Components, config: EmbeddingConfig, result: TrainResult,
                path: Path) -> tuple[Path, dict[str, str]]:
