@@ -128,7 +128,7 @@ def validation_models(dino_model: str | None, clip_model: str | None, device):
 def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tensor, captions: list[str] | None,
                    *, folder_kind: str, name: str, suffix: str, overwrite: bool, node_id: str | None,
                    rename_on_collision: bool = True, resume: bool = True, dino_model: str | None = None,
-                   clip_model: str | None = None) -> TrainedArtifact:
+                   clip_model: str | None = None, masks: list[torch.Tensor] | None = None) -> TrainedArtifact:
     """Run (or reuse) a training for a node: the same inputs give the same file, also after a restart; with
     ``resume``, a cancelled run of the same inputs continues where it stopped.
 
@@ -159,7 +159,7 @@ def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tenso
                 base, method, images, captions, config, output,
                 class_cache_dir=Path(folder_paths.get_output_directory()) / "personalize_class_images",
                 device=training_device(), callbacks=comfy_callbacks(node_id, config.steps), release_frozen=True,
-                resume=resume, dino=dino, clip=clip_embedder)
+                resume=resume, dino=dino, clip=clip_embedder, masks=masks)
         except TrainingCancelled:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise

@@ -30,13 +30,17 @@ class LoadSubjectImages(io.ComfyNode):
             display_name="Load Subject Images (Personalize)",
             category="personalize/data",
             description="Load 3-5 photos of one subject from a folder in ComfyUI's input directory: EXIF "
-                        "orientation applied, any colour mode made RGB, square-cropped or padded, with optional "
-                        "<image>.txt captions.",
+                        "orientation applied, any colour mode made RGB; images: square-cropped or padded; photos: at "
+                        "their own aspect ratios (for the trainers' aspect buckets); with optional <image>.txt "
+                        "captions.",
             inputs=[io.Combo.Input("folder", options=_subfolders(), tooltip="a folder inside ComfyUI's input "
                                    "directory holding the subject's photos")] + option_inputs(LoadSubjectConfig),
             outputs=[io.Image.Output(display_name="images"), io.Int.Output(display_name="count"),
                      io.String.Output(display_name="captions", tooltip="one line per image, empty where the image "
-                                      "has no caption file")],
+                                      "has no caption file"),
+                     io.Image.Output(display_name="photos", is_output_list=True,
+                                     tooltip="the photos at their own aspect ratios (about resolution² pixels each), "
+                                     "as a list: for the trainers' aspect buckets")],
         )
 
     @classmethod
@@ -52,10 +56,11 @@ class LoadSubjectImages(io.ComfyNode):
     @classmethod
     def execute(cls, folder, **options) -> io.NodeOutput:
         config = config_from_inputs(LoadSubjectConfig, options)
-        subject = load_subject_folder(resolve_inside(_input_dir(), folder), config.resolution, config.fit)
+        path = resolve_inside(_input_dir(), folder)
+        subject = load_subject_folder(path, config.resolution, config.fit)
+        photos = load_subject_folder(path, config.resolution, "keep").images
         report = f"{len(subject.files)} images from {folder}"
         if subject.warnings:
             report += "\n" + "\n".join(subject.warnings)
         captions = "\n".join(" ".join(c.split()) for c in subject.captions)
-        return io.NodeOutput(subject.images, len(subject.files), captions,
-                             ui=ui.PreviewText(report))
+        return io.NodeOutput(subject.images, len(subject.files), captions, photos, ui=ui.PreviewText(report))

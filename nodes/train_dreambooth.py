@@ -9,8 +9,8 @@ from ..trainers.methods.dreambooth import DreamBoothConfig, DreamBoothMethod, ch
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy, training_device
 from .schema import config_from_inputs, option_inputs
-from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, trainer_inputs, training_ui, \
-    validation_grid_output
+from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, single_inputs, trainer_inputs, \
+    training_ui, validation_grid_output
 
 
 class TrainDreamBooth(io.ComfyNode):
@@ -31,19 +31,24 @@ class TrainDreamBooth(io.ComfyNode):
                      io.Image.Output(display_name="loss_curve"), VALIDATION_GRID_OUTPUT],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
+            is_input_list=True,
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, name, overwrite, captions=None, **options) -> io.NodeOutput:
-        steering = run_inputs(options)
+    def execute(cls, **inputs) -> io.NodeOutput:
         import comfy.sd
         import folder_paths
 
+        images, masks, options = single_inputs(inputs)
+        model, clip, vae, name, overwrite = (options.pop(k) for k in ("model", "clip", "vae", "name", "overwrite"))
+        captions = options.pop("captions", None)
+        steering = run_inputs(options)
         config = config_from_inputs(DreamBoothConfig, options)
         check_device(config, training_device())
         artifact = train_in_comfy(DreamBoothMethod(config), config, model, clip, vae, images,
-                                  caption_lines(captions, images.shape[0]), folder_kind="checkpoints", name=name,
-                                  suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id, **steering)
+                                  caption_lines(captions, len(images)), folder_kind="checkpoints", name=name,
+                                  suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id,
+                                  masks=masks, **steering)
         # The same loader as CheckpointLoaderSimple, so the graph samples with exactly what a user would load.
         trained_model, trained_clip, trained_vae, _ = comfy.sd.load_checkpoint_guess_config(
             str(artifact.path), output_vae=True, output_clip=True,

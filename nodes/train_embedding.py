@@ -11,8 +11,8 @@ from ..trainers.methods.embedding import EmbeddingConfig, EmbeddingMethod
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy
 from .schema import config_from_inputs, option_inputs
-from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, trainer_inputs, training_ui, \
-    validation_grid_output
+from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, single_inputs, trainer_inputs, \
+    training_ui, validation_grid_output
 
 
 class TrainEmbedding(io.ComfyNode):
@@ -33,17 +33,21 @@ class TrainEmbedding(io.ComfyNode):
                      io.Image.Output(display_name="loss_curve"), VALIDATION_GRID_OUTPUT],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
+            is_input_list=True,
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, name, overwrite, captions=None, **options) -> io.NodeOutput:
+    def execute(cls, **inputs) -> io.NodeOutput:
+        images, masks, options = single_inputs(inputs)
+        model, clip, vae, name, overwrite = (options.pop(k) for k in ("model", "clip", "vae", "name", "overwrite"))
+        captions = options.pop("captions", None)
         steering = run_inputs(options)
         # The file name is the word used in prompts, so it names the token too.
         config = dataclasses.replace(config_from_inputs(EmbeddingConfig, options), token=name.strip())
         artifact = train_in_comfy(EmbeddingMethod(config), config, model, clip, vae, images,
-                                  caption_lines(captions, images.shape[0]), folder_kind="embeddings", name=name,
+                                  caption_lines(captions, len(images)), folder_kind="embeddings", name=name,
                                   suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id,
-                                  rename_on_collision=False, **steering)
+                                  rename_on_collision=False, masks=masks, **steering)
         embedding_name = artifact.name.removesuffix(".safetensors")
         curve = pil_to_image_batch([loss_curve_image(artifact.losses, "embedding loss")])
         return io.NodeOutput(embedding_name, f"embedding:{embedding_name}", clip, curve,

@@ -8,8 +8,8 @@ from ..trainers.methods.lora import LoRAConfig, LoRAMethod
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy
 from .schema import config_from_inputs, option_inputs
-from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, trainer_inputs, training_ui, \
-    validation_grid_output
+from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, single_inputs, trainer_inputs, \
+    training_ui, validation_grid_output
 from .types import LoRAArtifact
 
 
@@ -29,15 +29,20 @@ class TrainLoRA(io.ComfyNode):
                      VALIDATION_GRID_OUTPUT],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
+            is_input_list=True,
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, name, overwrite, captions=None, **options) -> io.NodeOutput:
+    def execute(cls, **inputs) -> io.NodeOutput:
+        images, masks, options = single_inputs(inputs)
+        model, clip, vae, name, overwrite = (options.pop(k) for k in ("model", "clip", "vae", "name", "overwrite"))
+        captions = options.pop("captions", None)
         steering = run_inputs(options)
         config = config_from_inputs(LoRAConfig, options)
         artifact = train_in_comfy(LoRAMethod(config), config, model, clip, vae, images,
-                                  caption_lines(captions, images.shape[0]), folder_kind="loras", name=name,
-                                  suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id, **steering)
+                                  caption_lines(captions, len(images)), folder_kind="loras", name=name,
+                                  suffix=".safetensors", overwrite=overwrite, node_id=cls.hidden.unique_id, masks=masks,
+                                  **steering)
         curve = pil_to_image_batch([loss_curve_image(artifact.losses, "LoRA loss")])
         return io.NodeOutput(artifact, curve, artifact.name, validation_grid_output(artifact),
                              ui=training_ui(artifact, "LoRA"))

@@ -1,4 +1,8 @@
-"""What the three trainer nodes share: their first inputs, caption handling and the report shown on the node."""
+"""What the three trainer nodes share: their first inputs, list inputs, caption handling and the node's report.
+
+The trainer nodes take their inputs as lists (``is_input_list``), so that LoadSubjectImages' ``photos`` (a list of
+images at their own sizes, for aspect buckets) arrive whole instead of running the node once per photo;
+``single_inputs`` turns that back into one value per input, and the images and masks into lists of single ones."""
 
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ def trainer_inputs(default_name: str) -> list[io.Input]:
                         "SDXL trains at 1024 px and LoRA rank 16 where those options are left at their defaults)"),
         io.Clip.Input("clip"),
         io.Vae.Input("vae"),
-        io.Image.Input("images", tooltip="3-5 photos of the subject (LoadSubjectImages, or any IMAGE batch)"),
+        io.Image.Input("images", tooltip="3-5 photos of the subject: LoadSubjectImages' photos (their own sizes, "
+                       "for aspect buckets) or images (squares), or any IMAGE batch"),
         io.String.Input("name", default=default_name, tooltip="file name of the result"),
         io.Boolean.Input("overwrite", default=False, tooltip="replace a file of that name (otherwise a _1, _2, "
-                         "... suffix is added); an identical earlier run is reused either way"),
+                         "... suffix is added); an identical earlier run is reused either way", advanced=True),
         io.String.Input("captions", optional=True, force_input=True, multiline=True,
                         tooltip="one caption per line and image (LoadSubjectImages' captions), appended to the "
                         "prompt"),
@@ -35,7 +40,19 @@ def trainer_inputs(default_name: str) -> list[io.Input]:
                        "and picks the best step (select_best)"),
         io.Combo.Input("clip_model", options=clip_choices(), optional=True, tooltip="a Hugging Face CLIP folder "
                        "in models/clip_vision: CLIP-I and CLIP-T of the validation samples"),
+        io.Mask.Input("masks", optional=True, tooltip="masked loss: one mask per image at its size (1 = subject; "
+                      "e.g. a segmentation node's MASK, or LoadImage's alpha); the background counts mask_floor"),
     ]
+
+
+def single_inputs(inputs: dict) -> tuple[list, list | None, dict]:
+    """The images and masks of list inputs as lists of single ones ([1,H,W,C] / [H,W]), and every other input as
+    its one value."""
+    images = [image for batch in inputs.pop("images") for image in batch.split(1)]
+    masks = inputs.pop("masks", None)
+    if masks is not None:
+        masks = [mask for batch in masks for mask in (batch.unsqueeze(0) if batch.dim() == 2 else batch)]
+    return images, masks, {name: values[0] for name, values in inputs.items()}
 
 
 def run_inputs(options: dict) -> dict:

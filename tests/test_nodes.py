@@ -79,3 +79,47 @@ def test_trainer_seeds_stay_fixed_between_queues(node_classes):
         for widget in cls.GET_SCHEMA().inputs:
             if widget.id == "seed":
                 assert widget.extra.get("control_after_generate") == "fixed", cls.GET_SCHEMA().node_id
+
+
+def test_trainer_nodes_show_only_the_options_a_user_changes(node_classes):
+    """Everything else is behind ComfyUI's advanced-inputs toggle (the input's ``advanced`` flag)."""
+    sockets = {"model", "clip", "vae", "images", "captions", "masks"}
+    expected = {"TrainLoRA": {"name", "prompt", "steps", "lr", "rank", "resolution", "class_prompt"},
+                "TrainDreamBooth": {"name", "prompt", "steps", "lr", "resolution", "class_prompt"},
+                "TrainEmbedding": {"name", "steps", "lr", "resolution", "init_word"}}
+    by_id = {cls.GET_SCHEMA().node_id: cls.GET_SCHEMA() for cls in node_classes}
+    for node_id, shown in expected.items():
+        schema = by_id[node_id]
+        visible = {i.id for i in schema.inputs if not i.advanced and not i.optional} - sockets
+        assert visible == shown, node_id
+        assert schema.is_input_list, f"{node_id} takes LoadSubjectImages' photos list whole"
+        assert any(i.id == "masks" and i.io_type == "MASK" and i.optional for i in schema.inputs), node_id
+
+
+def test_list_inputs_become_single_values_and_lists_of_single_images(node_classes):
+    import torch
+
+    trainer_node = pack("nodes.trainer_node")
+    model = object()
+    inputs = {"model": [model], "name": ["x"], "steps": [5],
+              "images": [torch.zeros(2, 8, 8, 3), torch.zeros(1, 16, 8, 3)],
+              "masks": [torch.ones(2, 8, 8), torch.ones(16, 8)]}
+    images, masks, values = trainer_node.single_inputs(inputs)
+    assert [tuple(i.shape) for i in images] == [(1, 8, 8, 3), (1, 8, 8, 3), (1, 16, 8, 3)]
+    assert [tuple(m.shape) for m in masks] == [(8, 8), (8, 8), (16, 8)]
+    assert values == {"model": model, "name": "x", "steps": 5}
+
+
+def test_load_subject_images_also_gives_the_photos_at_their_own_sizes(node_classes, tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "subject").mkdir()
+    Image.new("RGB", (300, 100), (200, 0, 0)).save(tmp_path / "subject" / "a.png")
+    Image.new("RGB", (100, 200), (0, 200, 0)).save(tmp_path / "subject" / "b.png")
+    node = pack("nodes.load_subject_images")
+    monkeypatch.setattr(node, "_input_dir", lambda: str(tmp_path))
+    schema = node.LoadSubjectImages.GET_SCHEMA()
+    assert [o.is_output_list for o in schema.outputs] == [False, False, False, True]
+    images, count, _, photos = node.LoadSubjectImages.execute("subject", resolution=64, fit="crop").outputs
+    assert tuple(images.shape) == (2, 64, 64, 3) and count == 2
+    assert [tuple(p.shape) for p in photos] == [(1, 37, 111, 3), (1, 91, 45, 3)]

@@ -20,11 +20,11 @@ class TrainConfig:
                          "class noun; a caption file next to an image is appended to it")
     steps: int = option(800, "optimizer steps", min=1, max=100_000)
     lr: float = option(1e-4, "learning rate", min=0.0, max=1.0, step=1e-6)
-    batch_size: int = option(1, "images per step", min=1, max=64)
+    batch_size: int = option(1, "images per step", min=1, max=64, advanced=True)
     resolution: int = option(512, "training resolution in pixels: the side of the square, and the area of the "
                              "aspect buckets", min=64, max=2048, step=8)
     seed: int = option(0, "seed for noise, timesteps and image order; the same seed repeats a run exactly on CPU",
-                       min=0, max=MAX_SEED)
+                       min=0, max=MAX_SEED, advanced=True)
     optimizer: str = option("adamw", "adamw (8-bit from bitsandbytes on CUDA when use_8bit_adam is on and it is "
                             "installed); adamw8bit (needs bitsandbytes); adafactor (transformers); prodigy (needs "
                             "prodigyopt; it sets the step size itself: use lr 1.0)", choices=OPTIMIZERS, advanced=True)
@@ -69,15 +69,16 @@ class TrainConfig:
     class_prompt: str = option("", "class prompt for prior preservation, e.g. 'a photo of a dog' "
                                "(empty = no prior preservation)")
     class_images: int = option(100, "number of class images generated with the base model for prior "
-                               "preservation (the DreamBooth paper used about 1000)", min=1, max=10_000)
+                               "preservation (the DreamBooth paper used about 1000)", min=1, max=10_000, advanced=True)
     prior_weight: float = option(1.0, "weight of the prior-preservation loss (the paper's lambda)",
-                                 min=0.0, max=100.0, step=0.05)
+                                 min=0.0, max=100.0, step=0.05, advanced=True)
     class_sampler_steps: int = option(25, "sampler steps per generated class image", min=1, max=200,
                                       advanced=True)
     class_guidance: float = option(7.5, "classifier-free guidance of the generated class images",
                                    min=1.0, max=30.0, step=0.5, advanced=True)
-    train_text_encoder: bool = option(False, "also train the text encoder")
-    text_encoder_lr: float = option(5e-5, "learning rate of the text encoder", min=0.0, max=1.0, step=1e-6)
+    train_text_encoder: bool = option(False, "also train the text encoder", advanced=True)
+    text_encoder_lr: float = option(5e-5, "learning rate of the text encoder", min=0.0, max=1.0, step=1e-6,
+                                    advanced=True)
     preview_every: int = option(0, "generate a preview image every N steps (0 = never)", min=0, max=100_000,
                                 advanced=True)
     save_every: int = option(0, "every N steps, write a checkpoint <name>-step<N> (the result's format) and the "

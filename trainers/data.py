@@ -32,8 +32,11 @@ _WHITE = (255, 255, 255)
 class LoadSubjectConfig:
     resolution: int = option(512, "side of the square images, in pixels", min=8, max=4096, step=8)
     fit: str = option("crop", "crop: fill the square and cut what overflows; pad: keep the whole image, pad with "
-                      "white; keep: each photo at its own aspect ratio (for aspect buckets), scaled down to about "
-                      "the resolution's area", choices=("crop", "pad", "keep"))
+                      "white", choices=("crop", "pad"))
+
+
+# 'keep': each photo at its own aspect ratio (for aspect buckets), scaled down to about the resolution's area.
+FITS = ("crop", "pad", "keep")
 
 
 @dataclass
@@ -60,7 +63,9 @@ def load_subject_folder(folder, resolution: int = 512, fit: str = "crop", masks:
                         ) -> SubjectImages:
     """``masks``: None, ``"alpha"`` (each photo's alpha channel; opaque photos get a full mask) or a folder holding
     one mask image per photo under the same stem (any format; white = subject)."""
-    validate(LoadSubjectConfig(resolution=resolution, fit=fit))
+    if fit not in FITS:
+        raise PersonalizeError(f"fit must be one of {', '.join(FITS)}; got {fit!r}.")
+    validate(LoadSubjectConfig(resolution=resolution))
     mask_dir = None if masks in (None, "alpha") else Path(masks).expanduser()
     if mask_dir is not None and not mask_dir.is_dir():
         raise PersonalizeError(f"Mask folder {mask_dir} does not exist; give a folder of masks named like the photos, "

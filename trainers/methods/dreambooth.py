@@ -39,9 +39,10 @@ class DreamBoothConfig(TrainConfig):
     class_prompt: str = option("a photo of a dog", "class prompt for prior preservation: the identifier-free "
                                "instance prompt, e.g. 'a photo of a dog' (empty = no prior preservation)")
     class_images: int = option(200, "class images generated with the base model for prior preservation (the "
-                               "paper used about 1000; 200 is the diffusers example's default)", min=1, max=10_000)
+                               "paper used about 1000; 200 is the diffusers example's default)", min=1, max=10_000,
+                               advanced=True)
     text_encoder_lr: float = option(5e-6, "learning rate of the text encoder when train_text_encoder is on",
-                                    min=0.0, max=1.0, step=1e-7)
+                                    min=0.0, max=1.0, step=1e-7, advanced=True)
     text_encoder_steps: int = option(0, "stop training the text encoder after this many steps (0 = the whole run); "
                                      "it overfits sooner than the UNet, so it is often trained for part of the run",
                                      min=0, max=100_000, advanced=True)

@@ -63,9 +63,9 @@ class EmbeddingConfig(TrainConfig):
     init_word: str = option("object", "a coarse descriptor of the subject (e.g. 'cat', 'sculpture') the vectors "
                             "start from; a phrase of several tokens starts from the mean of their vectors")
     vectors: int = option(1, "vectors per token: more reproduce the subject more closely but follow prompts less "
-                          "well; each takes one of the prompt's 75 token slots", min=1, max=16)
+                          "well; each takes one of the prompt's 75 token slots", min=1, max=16, advanced=True)
     templates: str = option("object", "training prompts: the paper's 'a photo of a {}' set for a subject, or its "
-                            "'a painting in the style of {}' set for a style", choices=tuple(TEMPLATES))
+                            "'a painting in the style of {}' set for a style", choices=tuple(TEMPLATES), advanced=True)
     max_norm_ratio: float = option(2.0, "after each step, cap each new vector's length at this multiple of the "
                                    "mean length of the existing token vectors, so that the token cannot drown out "
                                    "the rest of a prompt (0 = no cap)",

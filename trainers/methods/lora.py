@@ -36,8 +36,10 @@ class LoRAConfig(TrainConfig):
     steps: int = option(500, "optimizer steps (400-1000 is typical at 512 px)", min=1, max=100_000)
     lr: float = option(1e-4, "learning rate of the UNet adapters", min=0.0, max=1.0, step=1e-6)
     rank: int = option(8, "LoRA rank: 4-16 for one subject; the file grows linearly with it", min=1, max=256)
-    alpha: float = option(8.0, "LoRA alpha; adapters are scaled by alpha/rank", min=0.0, max=1024.0, step=0.5)
-    unet_targets: str = option("attention", "UNet layers that get adapters", choices=tuple(UNET_TARGETS))
+    alpha: float = option(8.0, "LoRA alpha; adapters are scaled by alpha/rank", min=0.0, max=1024.0, step=0.5,
+                          advanced=True)
+    unet_targets: str = option("attention", "UNet layers that get adapters", choices=tuple(UNET_TARGETS),
+                               advanced=True)
     lora_type: str = option("lora", "lora: plain low-rank; dora: LoRA with a trained magnitude per output (DoRA); "
                             "loha: Hadamard product of two low-rank pairs; lokr: Kronecker product (smallest "
                             "files). All load in ComfyUI's LoraLoader", choices=LORA_TYPES, advanced=True)

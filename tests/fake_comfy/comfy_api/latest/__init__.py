@@ -61,6 +61,7 @@ class Schema:
     hidden: list = field(default_factory=list)
     description: str = ""
     is_output_node: bool = False
+    is_input_list: bool = False
     not_idempotent: bool = False
 
 
