@@ -114,6 +114,7 @@ def test_photos_of_several_shapes_train_in_their_buckets_with_prior_preservation
     images = [photo(256, 64), photo(64, 256, 1), photo(250, 70, 2), photo(128, 128, 3)]
     artifact = train(tiny_model, images, tmp_path / "x.safetensors", resolution=128, steps=6, batch_size=2,
                      class_prompt="a photo of a toy", class_images=2, class_sampler_steps=1)
+    assert json.loads(artifact.metadata["ss_bucket_info"])["buckets"]["0"]["count"] >= 1
     assert sorted((b["width"], b["height"], b["images"]) for b in artifact.result.buckets) == [
         (64, 256, 1), (128, 128, 1), (256, 64, 2)]
     assert len(artifact.result.prior_losses) == 6 and all(map(math.isfinite, artifact.result.losses))

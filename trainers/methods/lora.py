@@ -141,6 +141,11 @@ def lora_metadata(components: Components, config: LoRAConfig, result: TrainResul
         "ss_noise_offset": f"{config.noise_offset:g}",
         "ss_prior_loss_weight": f"{config.prior_weight:g}" if config.prior_preservation else "0",
         "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_enable_bucket": str(config.bucketing),
+        # kohya's bucket report: the size and image count of each bucket used.
+        "ss_bucket_info": json.dumps({"buckets": {
+            str(i): {"resolution": [b["width"], b["height"]], "count": b["images"]}
+            for i, b in enumerate(result.buckets)}}),
         "ss_seed": str(config.seed),
         "ss_sd_model_name": components.name,
         "ss_new_sd_model_hash": components.fingerprint,
