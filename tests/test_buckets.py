@@ -120,6 +120,11 @@ def test_photos_of_several_shapes_train_in_their_buckets_with_prior_preservation
     assert len(artifact.result.prior_losses) == 6 and all(map(math.isfinite, artifact.result.losses))
 
 
+def test_a_mask_of_another_size_than_its_image_is_a_clear_error():
+    with pytest.raises(pack("trainers.errors").PersonalizeError, match="mask 2 is 8x8 but image 2 is 16x8"):
+        buckets.prepare_images([photo(8, 8), photo(16, 8)], 64, True, masks=[torch.ones(8, 8), torch.ones(8, 8)])
+
+
 def test_masked_loss_at_floor_0_ignores_the_background():
     """The loss, and its gradient, do not see what the prediction or the target hold where the mask is 0."""
     from diffusers import DDPMScheduler

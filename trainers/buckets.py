@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import as_image_list, images_to_training_pixels
+from .errors import PersonalizeError
 
 BUCKET_STEP = 64
 
@@ -70,6 +71,11 @@ def prepare_images(images, resolution: int, bucketing: bool, masks=None) -> Prep
     (optional): one [H,W] mask in 0..1 per image, at the image's size."""
     photos = as_image_list(images)
     mask_list = None if masks is None else [m.float().reshape(1, 1, *m.shape[-2:]) for m in masks]
+    for index, mask in enumerate(mask_list or []):
+        if mask.shape[-2:] != photos[index].shape[1:3]:
+            raise PersonalizeError(f"mask {index + 1} is {mask.shape[-1]}x{mask.shape[-2]} but image {index + 1} is "
+                                   f"{photos[index].shape[2]}x{photos[index].shape[1]}; give each image a mask of "
+                                   "its size (white = subject)")
     sizes = bucket_sizes(resolution) if bucketing else [(resolution, resolution)]
     groups: dict[tuple[int, int], list[int]] = {}
     for index, photo in enumerate(photos):
