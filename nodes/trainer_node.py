@@ -34,7 +34,7 @@ def trainer_inputs(default_name: str) -> list[io.Input]:
                         "prompt"),
         io.Boolean.Input("resume", default=True, tooltip="continue the training state a cancelled (or finished) "
                          "run of the same inputs saved beside the file, instead of starting over; steps stays the "
-                         "total"),
+                         "total", advanced=True),
         io.Combo.Input("dino_model", options=[NO_DINO] + dino_choices(), default=NO_DINO, optional=True,
                        tooltip="DINO ViT-S/16 in models/dino that scores the validation samples (validate_every) "
                        "and picks the best step (select_best)"),

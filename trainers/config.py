@@ -83,11 +83,12 @@ class TrainConfig:
                                 advanced=True)
     save_every: int = option(0, "every N steps, write a checkpoint <name>-step<N> (the result's format) and the "
                              "training state a resume continues from (0 = no checkpoints; the state is still saved "
-                             "on cancel)", min=0, max=100_000)
-    keep_last: int = option(0, "keep only this run's newest K checkpoints (0 = keep all)", min=0, max=10_000)
+                             "on cancel)", min=0, max=100_000, advanced=True)
+    keep_last: int = option(0, "keep only this run's newest K checkpoints (0 = keep all)", min=0, max=10_000,
+                            advanced=True)
     validate_every: int = option(0, "every N steps (and at the last), sample the validation prompts at fixed seeds "
                                  "and score them against the photos: DINO, CLIP-I and CLIP-T with their models, PRES "
-                                 "with a class prompt (0 = no validation)", min=0, max=100_000)
+                                 "with a class prompt (0 = no validation)", min=0, max=100_000, advanced=True)
     validation_prompts: str = option("", "validation prompts, one per line (empty: the instance prompt, and it 'on "
                                      "the beach' and 'in the jungle', as in the DreamBooth paper)", multiline=True,
                                      advanced=True)
@@ -97,7 +98,7 @@ class TrainConfig:
     select_best: str = option("dino", "which validated step becomes the result: the highest DINO (subject "
                               "fidelity), CLIP-T (prompt following), balanced (DINO x CLIP-T, the paper's trade-off), "
                               "or the last step; dino falls back to last without a DINO model",
-                              choices=("dino", "clip_t", "balanced", "last"))
+                              choices=("dino", "clip_t", "balanced", "last"), advanced=True)
 
     @property
     def prior_preservation(self) -> bool:
