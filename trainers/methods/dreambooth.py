@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.optimization import Adafactor
 
 from ..components import Components
 from ..config import TrainConfig
@@ -58,19 +57,16 @@ class DreamBoothConfig(TrainConfig):
                                   "gradient, so no full set of gradients is held (SD1.5 in fp32: 3.4 GB less); "
                                   "max_grad_norm then clips each weight's gradient. Needs gradient_accumulation "
                                   "1; fp16 mixed precision uses the usual step", advanced=True)
-    optimizer: str = option("adamw", "adamw (8-bit on CUDA when bitsandbytes is installed), or adafactor: factored "
-                            "second moments, so its state is a small fraction of AdamW's (the usual choice for full "
-                            "SDXL fine-tunes on 24 GB); fp32 weights only", choices=("adamw", "adafactor"),
-                            advanced=True)
 
 
 def check_device(config: DreamBoothConfig, device: torch.device) -> None:
     """Refuse bf16 weights where they cannot work; call it early (before class images are generated) to fail fast."""
     if config.weights_dtype != "bf16":
         return
-    if config.optimizer == "adafactor":
-        raise PersonalizeError("optimizer adafactor rounds bf16 weights to nearest, which loses DreamBooth's small "
-                               "updates; use weights_dtype fp32 with adafactor, or optimizer adamw with bf16")
+    if config.optimizer != "adamw":
+        raise PersonalizeError(f"optimizer {config.optimizer} rounds bf16 weights to nearest, which loses "
+                               "DreamBooth's small updates; use weights_dtype fp32 with it, or optimizer adamw with "
+                               "bf16")
     if device.type != "cuda" or not torch.cuda.is_bf16_supported():
         raise PersonalizeError("weights_dtype bf16 needs a CUDA GPU with bf16 support (RTX 30xx/A100 or newer); "
                                f"training runs on {device.type}. Use weights_dtype fp32.")
@@ -104,10 +100,6 @@ class DreamBoothMethod(Method):
 
     def make_optimizer(self, groups: list[dict], config: DreamBoothConfig,
                        device: torch.device) -> torch.optim.Optimizer:
-        if config.optimizer == "adafactor":
-            # transformers' Adafactor at a fixed learning rate (the schedule sets it), as kohya runs it for SDXL.
-            return Adafactor(groups, lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                             weight_decay=1e-2)
         if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
             if config.optimizer != "adamw":
                 raise PersonalizeError(f"weights_dtype bf16 trains with its own stochastic-rounding AdamW, not "
