@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 
 from ..trainers.errors import PersonalizeError, TrainingCancelled
@@ -49,10 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that every ``finally`` (temporary files, the output lock) runs."""
+
+
+def _raise_terminated(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command: Command = args._command
     started = time.perf_counter()
+    # Signal handlers can only be set from the main thread (a test or host may call main from another).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         config = config_from_args(command.config, args) if command.config else None
         result = command.run(args, config)
@@ -62,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, TrainingCancelled):
         print("cancelled: no artifact was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     result = dict(result, seconds=round(time.perf_counter() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
     if not is_main_process():  # under accelerate launch the main process reports for all
         return 0

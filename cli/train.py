@@ -21,6 +21,7 @@ from ..trainers.methods.dreambooth import DreamBoothConfig, DreamBoothMethod, ch
 from ..trainers.methods.embedding import EmbeddingConfig, EmbeddingMethod
 from ..trainers.methods.lora import LoRAConfig, LoRAMethod
 from ..trainers.models import load_base
+from ..trainers.preflight import check_output
 from ..trainers.run import BaseModel, Output, default_cache_dir, train_or_reuse
 from ..trainers.state import state_folder
 from .command import Command
@@ -56,6 +57,7 @@ def run_training(args: argparse.Namespace, config: TrainConfig, method: Method) 
     out = Path(args.out)
     if out.resolve() == Path(args.base).expanduser().resolve():
         raise PersonalizeError(f"--out {out} is the base model itself; write the result to another file")
+    check_output(out, "--out")  # before the base model and the photos are loaded
     device = resolve_device(args.device)
     subject = load_subject_folder(args.images, resolution=config.resolution,
                                   fit="keep" if config.bucketing else "crop", masks=args.masks)

@@ -19,6 +19,7 @@ from ..trainers.errors import TrainingCancelled
 from ..trainers.families import detect_checkpoint
 from ..trainers.loop import Callbacks, StepInfo
 from ..trainers.methods.base import Method
+from ..trainers.models import components_from_original
 from ..trainers.run import BaseModel, Output, train_or_reuse
 
 LOSS_EVENT = "personalize.loss"
@@ -151,7 +152,7 @@ def train_in_comfy(method: Method, config, model, clip, vae, images: torch.Tenso
         def load():
             release_comfy_models()
             state_dict = held.pop("state_dict")  # the components copy it; this copy goes as soon as they exist
-            return family.from_original(state_dict, comfy_tokenizer_dir(family), name=_base_name(model))
+            return components_from_original(state_dict, comfy_tokenizer_dir(family), name=_base_name(model))
 
         base = BaseModel(fingerprint_state_dict(held["state_dict"]), load)
         try:

@@ -57,8 +57,8 @@ class LoadSubjectImages(io.ComfyNode):
     def execute(cls, folder, **options) -> io.NodeOutput:
         config = config_from_inputs(LoadSubjectConfig, options)
         path = resolve_inside(_input_dir(), folder)
-        subject = load_subject_folder(path, config.resolution, config.fit)
-        photos = load_subject_folder(path, config.resolution, "keep").images
+        subject = load_subject_folder(path, config.resolution, config.fit, confine_to=_input_dir())
+        photos = load_subject_folder(path, config.resolution, "keep", confine_to=_input_dir()).images
         report = f"{len(subject.files)} images from {folder}"
         if subject.warnings:
             report += "\n" + "\n".join(subject.warnings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -73,9 +74,20 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
             return read_safetensors(path, dtype, channels_last_prefix)
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # any parse failure of a user file is a bad input, not a bug
-        raise PersonalizeError(f"could not read {path.name} as a model checkpoint ({error}); "
+        raise PersonalizeError(f"could not read {path} as a model checkpoint ({describe_load_error(error)}); "
                                "is the file complete and a .safetensors or .ckpt model?") from None
     return checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+
+
+def describe_load_error(error: BaseException) -> str:
+    """A one-line account of why a weight file did not load. Never torch's advice to retry with
+    ``weights_only=False``: that would let the file run code."""
+    text = str(error).strip()
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+        return ("it is a pickle holding more than plain tensors, which the pack never unpickles since that could run "
+                "code from the file; use a .safetensors version of it")
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first[:300]}" if first else type(error).__name__
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -66,6 +66,9 @@ class TrainConfig:
                             "no comma)", min=0, max=100, advanced=True)
     flip: bool = option(False, "random horizontal flips (off: many subjects are not symmetric)", advanced=True)
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)", min=0.0, max=100.0, advanced=True)
+    stop_on_divergence: bool = option(True, "stop the run, saving nothing, when its loss climbs above 10x where it "
+                                      "started (averaged over 10 steps); off: train on and save it anyway",
+                                      advanced=True)
     class_prompt: str = option("", "class prompt for prior preservation, e.g. 'a photo of a dog' "
                                "(empty = no prior preservation)")
     class_images: int = option(100, "number of class images generated with the base model for prior "

@@ -11,6 +11,7 @@ list of [1,H,W,3] images (ComfyUI's list of IMAGE).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +60,11 @@ def resolve_inside(base_dir, name) -> Path:
     return path
 
 
-def load_subject_folder(folder, resolution: int = 512, fit: str = "crop", masks: str | Path | None = None
-                        ) -> SubjectImages:
+def load_subject_folder(folder, resolution: int = 512, fit: str = "crop", masks: str | Path | None = None,
+                        confine_to=None) -> SubjectImages:
     """``masks``: None, ``"alpha"`` (each photo's alpha channel; opaque photos get a full mask) or a folder holding
-    one mask image per photo under the same stem (any format; white = subject)."""
+    one mask image per photo under the same stem (any format; white = subject). ``confine_to``: a folder every photo
+    must really be in, symlinks resolved (a node's input directory)."""
     if fit not in FITS:
         raise PersonalizeError(f"fit must be one of {', '.join(FITS)}; got {fit!r}.")
     validate(LoadSubjectConfig(resolution=resolution))
@@ -78,14 +80,17 @@ def load_subject_folder(folder, resolution: int = 512, fit: str = "crop", masks:
     if not entries:
         raise PersonalizeError(f"Subject folder {folder} is empty; put 3-20 JPEG, PNG or WebP photos of the subject "
                                "in it.")
-    candidates = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    if not candidates:
+    named = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not named:
         listed = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise PersonalizeError(f"Subject folder {folder} has no .jpg, .jpeg, .png or .webp file (it holds {listed}).")
 
     pictures, captions, files, sizes, warnings, mask_list = [], [], [], [], [], []
-    for path in candidates:
-        image, problem, alpha = _read_upright(path)
+    for path in named:
+        problem = _placement_problem(path, confine_to)
+        image = alpha = None
+        if not problem:
+            image, problem, alpha = _read_upright(path)
         if image is None:
             warnings.append(f"{path.name}: {problem}; skipped.")
             continue
@@ -124,9 +129,40 @@ def _read_mask(mask_dir: Path, photo: Path, size: tuple[int, int]) -> Image.Imag
     return mask
 
 
-def _read_upright(path: Path) -> tuple[Image.Image | None, str, Image.Image | None]:
-    """The decoded, EXIF-rotated RGB image and its alpha channel (None if opaque), or None and why it can't be
-    used."""
+def _placement_problem(path: Path, confine_to) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"a broken link (to {os.readlink(path)})"
+    if not path.is_file():
+        return "not a file"
+    if confine_to is not None:
+        base = Path(confine_to).resolve()
+        if not path.resolve().is_relative_to(base):
+            return f"a link to {path.resolve()}, outside {base}; copy the photo into the folder instead"
+    return ""
+
+
+def read_image(path: str | Path, alpha: str = "white") -> Image.Image:
+    """One image file as an upright RGB image, or a PersonalizeError naming it: see ``decode_image``."""
+    image, problem = decode_image(path, alpha)
+    if image is None:
+        raise PersonalizeError(f"Could not read {path}: {problem}. Replace or remove it.")
+    return image
+
+
+def decode_image(path: str | Path, alpha: str = "white") -> tuple[Image.Image | None, str]:
+    """The pack's one image decoder (subject photos, metric images, cached class images): JPEG, PNG or WebP by
+    content, Pillow's decompression-bomb limit, EXIF orientation, 16-bit scaled to 8, every mode made RGB with alpha
+    composited on white (``alpha="white"``) or dropped as ComfyUI's LoadImage does (``"drop"``). Returns the image,
+    or None and why it can't be used."""
+    image, problem, _ = _read_upright(path, alpha)
+    return image, problem
+
+
+def _read_upright(path: str | Path, alpha: str = "white") -> tuple[Image.Image | None, str, Image.Image | None]:
+    """``decode_image``'s image and problem, and the file's alpha channel (None if opaque or unreadable)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, "not a file", None
     if path.stat().st_size == 0:
         return None, "the file is empty (0 bytes)", None
     limit = Image.MAX_IMAGE_PIXELS  # read now, so that a limit changed at run time is honoured
@@ -144,19 +180,19 @@ def _read_upright(path: Path) -> tuple[Image.Image | None, str, Image.Image | No
         return None, "not a JPEG, PNG or WebP image (corrupt, or the extension is wrong)", None
     except Exception as error:  # noqa: BLE001 - any decoder failure on a user's file means "unreadable", not a bug
         return None, f"could not be decoded ({error})", None
-    alpha = image.convert("RGBA").getchannel("A") if _has_alpha(image) else None
-    return _to_rgb(image), "", alpha
+    channel = image.convert("RGBA").getchannel("A") if _has_alpha(image) else None
+    return _to_rgb(image, alpha), "", channel
 
 
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image, alpha: str = "white") -> Image.Image:
     if image.mode.startswith("I"):
         # 16-bit (and 32-bit) grayscale: Pillow's convert clips values above 255 to white, so scale 0..65535 down.
         image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().clip(0, 255).astype(np.uint8))
-    if _has_alpha(image):
+    if _has_alpha(image) and alpha == "white":
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE + (255,)), rgba).convert("RGB")
     return image.convert("RGB")

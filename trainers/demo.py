@@ -21,6 +21,7 @@ from .methods.dreambooth import DreamBoothConfig, DreamBoothMethod
 from .methods.embedding import EmbeddingConfig, EmbeddingMethod, load_embedding
 from .methods.lora import LoRAConfig, LoRAMethod, apply_lora
 from .models import load_base
+from .preflight import check_output_folder
 from .report import loss_curve_image
 from .run import personalize
 from .sampling import sample_images
@@ -61,6 +62,7 @@ def _to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def run_demo(out: str | Path, steps_scale: float = 1.0) -> dict:
     out = Path(out)
+    check_output_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # the tiny model's operators are too small to gain from a second thread
     model = make_tiny_model(out / "model", size="tiny", seed=0)

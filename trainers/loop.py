@@ -31,6 +31,7 @@ from .components import Components
 from .config import TrainConfig
 from .device import free_memory, resolve_device
 from .distributed import DataParallel
+from .divergence import check_divergence
 from .errors import PersonalizeError, TrainingCancelled
 from .methods.base import Method
 
@@ -463,6 +464,8 @@ def _train(components, method, instance_pixels, captions, config, class_pixels, 
                                    f"saved. Lower the learning rate (lr is {config.lr:g}) or turn mixed precision "
                                    "off.")
         losses.append(loss_value)
+        if config.stop_on_divergence:
+            check_divergence(losses, config.lr)
         instance_losses.append(float(step_instance))
         if use_prior:
             prior_losses.append(float(step_prior))

@@ -23,10 +23,11 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
-from .data import IMAGE_SUFFIXES
+from .data import IMAGE_SUFFIXES, read_image
+from .checkpoints import describe_load_error
 from .device import resolve_device
 from .errors import PersonalizeError
 
@@ -107,15 +108,7 @@ def read_image_folder(folder) -> tuple[list[str], list[Image.Image]]:
                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."))
     if not paths:
         raise PersonalizeError(f"Image folder {folder} has no .jpg, .jpeg, .png or .webp file.")
-    return [p.name for p in paths], [_read_image(p) for p in paths]
-
-
-def _read_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, Image.DecompressionBombError) as error:
-        raise PersonalizeError(f"Could not read {path} ({error}); replace or remove it.") from error
+    return [p.name for p in paths], [read_image(p, alpha="drop") for p in paths]
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -407,7 +400,7 @@ def _vit_from_original(path: Path) -> ViTModel:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - pickle and zip errors vary; any of them means "not this checkpoint"
-        raise PersonalizeError(f"Could not read {path} as a PyTorch checkpoint ({error}). "
+        raise PersonalizeError(f"Could not read {path} as a PyTorch checkpoint ({describe_load_error(error)}). "
                                f"Download {DINO_PTH_NAME} from {DINO_PTH_URL}.") from error
     if not isinstance(state, dict):
         raise PersonalizeError(f"{path} holds a {type(state).__name__}, not a state dict; expected {DINO_PTH_NAME}.")

@@ -3,11 +3,13 @@ writing models back in either layout. Nothing here downloads."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from .checkpoints import read_checkpoint
+from .checkpoints import describe_load_error, read_checkpoint
 from .components import Components
 from .errors import PersonalizeError
 from .export import save_safetensors
@@ -17,10 +19,28 @@ from .families.ldm import UNET_PREFIX
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
+@contextmanager
+def loading_boundary(source: str, fix: str) -> Iterator[None]:
+    """The one place where a malformed model becomes a user-facing error: whatever a damaged file or folder makes
+    the readers, converters and ``from_pretrained`` raise (KeyError, ZeroDivisionError, JSON and safetensors errors,
+    shape mismatches…) is reported as a PersonalizeError naming ``source`` and the ``fix``."""
+    try:
+        yield
+    except PersonalizeError as error:
+        if Path(source).name in str(error):
+            raise
+        raise PersonalizeError(f"the base model {source}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - every failure to load a user's model is a bad input, not a bug
+        raise PersonalizeError(f"could not load the base model {source}: {describe_load_error(error)}. {fix}") \
+            from None
+
+
 def components_from_original(state_dict: dict, tokenizer_dir: str | Path, *, name: str = "model",
                              dtype: torch.dtype = torch.float32, owned: bool = False) -> Components:
     """Components from an original-layout state dict (a single file, or what ComfyUI's models hand out)."""
-    return detect_checkpoint(state_dict).from_original(state_dict, tokenizer_dir, name=name, dtype=dtype, owned=owned)
+    with loading_boundary(name, "Is it a complete, supported checkpoint?"):
+        return detect_checkpoint(state_dict).from_original(state_dict, tokenizer_dir, name=name, dtype=dtype,
+                                                           owned=owned)
 
 
 def load_base(path: str | Path, tokenizer_dir: str | Path | None = None,
@@ -28,16 +48,19 @@ def load_base(path: str | Path, tokenizer_dir: str | Path | None = None,
     """Load a base model from a diffusers folder or a single-file checkpoint, offline."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return detect_folder(path).from_diffusers(path, dtype)
+        with loading_boundary(str(path), "Re-save the folder with diffusers' save_pretrained (safetensors) or "
+                              "download it again."):
+            return detect_folder(path).from_diffusers(path, dtype)
     if not path.exists():
         raise PersonalizeError(f"--base {path} does not exist; give a diffusers folder or a .safetensors/.ckpt file")
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise PersonalizeError(f"--base {path.name}: expected a diffusers folder or a single file ending in "
                                f"{', '.join(SINGLE_FILE_SUFFIXES)}")
-    state_dict = read_checkpoint(path, dtype, channels_last_prefix=UNET_PREFIX)
-    family = detect_checkpoint(state_dict)  # before looking for a tokenizer: an unsupported file should say so first
-    return family.from_original(state_dict, family.find_tokenizer(path, tokenizer_dir), name=path.stem, dtype=dtype,
-                                owned=True)
+    with loading_boundary(str(path), "Download it again, or pick a complete checkpoint of a supported family."):
+        state_dict = read_checkpoint(path, dtype, channels_last_prefix=UNET_PREFIX)
+        family = detect_checkpoint(state_dict)  # before the tokenizer: an unsupported file should say so first
+        return family.from_original(state_dict, family.find_tokenizer(path, tokenizer_dir), name=path.stem,
+                                    dtype=dtype, owned=True)
 
 
 def original_state_dict(components: Components) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ A config is a plain dataclass whose fields are declared with :func:`option`. The
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -39,12 +40,15 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 def validate(config) -> None:
-    """Raise PersonalizeError naming the first field outside its limits."""
+    """Raise PersonalizeError naming the first field outside its limits (NaN and infinity are outside every one:
+    NaN compares false with any bound, and would e.g. turn gradient clipping off unnoticed)."""
     for f, spec in options_of(type(config)):
         value = getattr(config, f.name)
         if spec.choices is not None and value not in spec.choices:
             raise PersonalizeError(f"{f.name} must be one of {', '.join(map(str, spec.choices))}; got {value!r}.")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise PersonalizeError(f"{f.name} must be a finite number; got {value}.")
             if spec.min is not None and value < spec.min:
                 raise PersonalizeError(f"{f.name} must be at least {spec.min:g}; got {value:g}.")
             if spec.max is not None and value > spec.max:

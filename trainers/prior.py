@@ -17,6 +17,7 @@ from PIL import Image
 
 from .components import Components
 from .config import TrainConfig
+from .data import decode_image
 from .files import atomic_path
 from .sampling import pil_to_pixels, sample_images
 
@@ -43,12 +44,16 @@ def class_images(components: Components, config: TrainConfig, cache_root: str | 
         {"prompt": config.class_prompt, "resolution": config.resolution, "steps": config.class_sampler_steps,
          "guidance": config.class_guidance, "seed": config.seed, "model": components.name}, indent=2))
     paths = [folder / f"{i:05d}.png" for i in range(config.class_images)]
-    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    # A cached image that does not decode (a disk fault, a copy cut short) is generated again, not fatal forever.
+    images: list[Image.Image | None] = [decode_image(p)[0] for p in paths]
+    missing = [i for i, image in enumerate(images) if image is None]
     total = len(missing)
 
     def save_batch(start: int, batch: list[Image.Image]) -> None:
         for offset, image in enumerate(batch):
-            _save_png(image, paths[missing[start + offset]])
+            index = missing[start + offset]
+            _save_png(image, paths[index])
+            images[index] = image
         if on_progress:
             on_progress(min(start + len(batch), total), total)
 
@@ -56,5 +61,5 @@ def class_images(components: Components, config: TrainConfig, cache_root: str | 
         sample_images(components, [config.class_prompt] * total, [config.seed + i for i in missing],
                       resolution=config.resolution, steps=config.class_sampler_steps, guidance=config.class_guidance,
                       on_batch=save_batch, should_stop=should_stop)
-    pixels = pil_to_pixels([Image.open(p) for p in paths])
+    pixels = pil_to_pixels(images)
     return pixels, folder, total

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,12 +24,13 @@ from .components import Components
 from .config import TrainConfig
 from .data import as_image_list, as_square_batch
 from .device import resolve_device
-from .distributed import main_process_first, on_main_process, refuse_state_under_launcher
+from .distributed import is_main_process, main_process_first, on_main_process, refuse_state_under_launcher
 from .errors import PersonalizeError
-from .files import output_path, sanitize_name
+from .files import exclusive_output, output_path, sanitize_name
 from .loop import Callbacks, TrainResult, move_to, train
 from .methods.base import Method
 from .optim import check_optimizer
+from .preflight import check_base, check_free_space, check_output
 from .prior import class_images
 from .state import TrainingSession, check_resume, resumable, reuse_view, run_inputs
 from .validation import Validator
@@ -75,7 +77,7 @@ class Output:
 
     @classmethod
     def named(cls, folder: str | Path, name: str, suffix: str = ".safetensors", on_collision: str = "rename"):
-        stem = sanitize_name(name)
+        stem = sanitize_name(name, suffix)
         if stem.lower().endswith(suffix.lower()):
             stem = stem[: -len(suffix)]
         return cls(Path(folder), stem, suffix, on_collision)
@@ -84,11 +86,16 @@ class Output:
     def path(self) -> Path:
         return self.folder / f"{self.stem}{self.suffix}"
 
+    @property
+    def names(self) -> str:
+        """A regex of the file names this output may write (``stem[_N]`` when renaming, else exactly ``path``)."""
+        counter = r"(_\d+)?" if self.on_collision == "rename" else ""
+        return f"{re.escape(self.stem)}{counter}{re.escape(self.suffix)}"
+
     def find(self, fingerprint: str) -> Path | None:
-        """A file this output could have written (``stem[_N]`` when renaming, else exactly ``path``) whose metadata
-        carries ``fingerprint``."""
+        """A file this output could have written (see ``names``) whose metadata carries ``fingerprint``."""
         if self.on_collision == "rename":
-            pattern = re.compile(rf"^{re.escape(self.stem)}(_\d+)?{re.escape(self.suffix)}$")
+            pattern = re.compile(rf"^{self.names}$")
             candidates = [p for p in sorted(self.folder.glob(f"*{self.suffix}")) if pattern.match(p.name)] \
                 if self.folder.is_dir() else []
         else:
@@ -167,18 +174,25 @@ def train_or_reuse(base: BaseModel, method: Method, images, captions: list[str] 
     masks = run_options.get("masks")
     captions = _captions(images, captions, masks)
     fingerprint = training_fingerprint(method, config, images, captions, base.fingerprint, masks)
-    existing = output.find(fingerprint)
-    if existing is not None:
-        metadata = read_metadata(existing)
-        return Artifact(path=existing, method=method.name, metadata=metadata, reused=True,
-                        losses=json.loads(metadata.get("personalize.losses", "[]")))
-    inputs = run_inputs(method.name, config, images, captions, base.fingerprint, run_options.get("masks"))
-    # Before loading or training: a refused name or resume fails in seconds.
-    path = (resume and output.resumable(inputs)) or output.resolve()
-    if resume:
-        check_resume(path, inputs, config.steps)
-    return personalize(base.load(), method, images, captions, config, path, fingerprint=fingerprint,
-                       resume=resume, inputs=inputs, **run_options)
+    check_output(output.path)  # before loading or training: a doomed run fails in seconds
+    # Held until the file is written: a second run on the same output is refused, not silently replacing it.
+    # Under the launcher the main process holds it for all (they write nothing themselves).
+    with exclusive_output(output.path, output.names) if is_main_process() else nullcontext():
+        existing = output.find(fingerprint)
+        if existing is not None:
+            metadata = read_metadata(existing)
+            return Artifact(path=existing, method=method.name, metadata=metadata, reused=True,
+                            losses=json.loads(metadata.get("personalize.losses", "[]")))
+        inputs = run_inputs(method.name, config, images, captions, base.fingerprint, masks)
+        # Before loading or training: a refused name or resume fails in seconds.
+        path = (resume and output.resumable(inputs)) or output.resolve()
+        if resume:
+            check_resume(path, inputs, config.steps)
+        components = base.load()
+        check_base(components)
+        check_free_space(path, method.artifact_bytes(components, config))
+        return personalize(components, method, images, captions, config, path, fingerprint=fingerprint,
+                           resume=resume, inputs=inputs, **run_options)
 
 
 def personalize(components: Components, method: Method, images, captions: list[str] | None,

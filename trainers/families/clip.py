@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..errors import PersonalizeError
 from .ldm import count_indices
 
 
@@ -23,7 +24,12 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
 def tokenizer_for(text_encoder: CLIPTextModel | CLIPTextConfig, folder: str | Path) -> CLIPTokenizer:
     """The tokenizer in ``folder``, padding and truncating to the text encoder's positions (ComfyUI's bundled SD1
     tokenizer files declare a longer maximum, since ComfyUI chunks long prompts itself)."""
-    tokenizer = load_tokenizer(folder)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except Exception as error:  # noqa: BLE001 - whatever damaged tokenizer files make transformers raise
+        raise PersonalizeError(f"could not read the CLIP tokenizer in {folder} ({type(error).__name__}: "
+                               f"{str(error)[:200]}); give a folder with a complete vocab.json and merges.txt "
+                               "(or tokenizer.json)") from None
     tokenizer.model_max_length = getattr(text_encoder, "config", text_encoder).max_position_embeddings
     return tokenizer
 

@@ -109,7 +109,14 @@ class SD15(Family):
         with torch.inference_mode(False):
             unet = self._diffusers_model(UNet2DConditionModel, folder / "unet", dtype, "UNet")
             vae = self._diffusers_model(AutoencoderKL, folder / "vae", dtype, "VAE", channels_last=False)
-            text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype).eval()
+            _require_safetensors(folder / "text_encoder", "text encoder")
+            text_encoder, info = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype,
+                                                               use_safetensors=True, output_loading_info=True)
+            if info["missing_keys"] or info["mismatched_keys"]:  # transformers would leave those random
+                broken = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
+                raise PersonalizeError(f"{folder / 'text_encoder'} lacks weights for {len(broken)} tensors (e.g. "
+                                       f"{broken[:3]}); is the folder complete?")
+            text_encoder.eval()
         components = Components(family=self, unet=unet, vae=vae, text_encoder=text_encoder,
                                 tokenizer=tokenizer_for(text_encoder, folder / "tokenizer"),
                                 noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
@@ -119,8 +126,9 @@ class SD15(Family):
 
     def _diffusers_model(self, model_class, folder: Path, dtype: torch.dtype, what: str, channels_last: bool = True):
         weights = folder / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file():  # sharded or .bin weights: diffusers' own loader
-            model = model_class.from_pretrained(folder, torch_dtype=dtype)
+        if not weights.is_file():  # sharded weights: diffusers' own loader
+            _require_safetensors(folder, what)
+            model = model_class.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
             return (model.to(memory_format=torch.channels_last) if channels_last else model).eval()
         config = model_class.load_config(folder)
         tensors = read_safetensors(weights, dtype, channels_last_prefix="" if channels_last else None)
@@ -184,6 +192,16 @@ def flat_text_state_dict(text_encoder) -> dict[str, torch.Tensor]:
         if name != "embeddings.position_ids":
             out[name] = value
     return out
+def _require_safetensors(folder: Path, what: str) -> None:
+    """Diffusers and transformers would unpickle ``.bin`` weights: refuse them before either loader sees them."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
+    if pickles:
+        raise PersonalizeError(f"the {what} weights in {folder} are pickle files ({', '.join(pickles)}), which the "
+                               "pack does not load since a pickle can run code; convert the model to safetensors "
+                               "(diffusers: pipeline.save_pretrained(folder, safe_serialization=True))")
+    raise PersonalizeError(f"{folder} has no {what} weights (no .safetensors file); is the folder complete?")
 
 
 def split_original(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

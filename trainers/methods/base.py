@@ -62,6 +62,10 @@ class Method:
     def resumed(self, components: Components, step: int, config: TrainConfig) -> None:
         """A resume restored the trained weights after ``step``: redo what ``after_step`` changed besides them."""
 
+    def artifact_bytes(self, components: Components, config: TrainConfig) -> int:
+        """About how large the artifact will be (checked against free disk space before training)."""
+        return 0
+
     def export(self, components: Components, config: TrainConfig, result: "TrainResult",
                path: Path) -> tuple[Path, dict[str, str]]:
         """Write the artifact atomically to ``path``; return the path and its metadata."""

@@ -24,6 +24,7 @@ from ..loop import TrainResult
 from ..models import save_diffusers, save_single_file
 from ..optim import StochasticAdamW, fuse_optimizer_into_backward
 from ..options import option
+from ..preflight import model_bytes
 from .base import Method
 
 WEIGHTS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -141,6 +142,11 @@ class DreamBoothMethod(Method):
         for _, encoder in components.family.text_encoders(components):
             encoder.requires_grad_(False)
             encoder.eval()
+
+    def artifact_bytes(self, components: Components, config: DreamBoothConfig) -> int:
+        modules = [components.unet, components.vae] + [e for _, e in components.family.text_encoders(components)]
+        single_file = model_bytes(modules, SAVE_DTYPES[config.save_precision])
+        return single_file + (model_bytes(modules) if self.diffusers_out else 0)
 
     def export(self, components: Components, config: DreamBoothConfig, result: TrainResult,
                path: Path) -> tuple[Path, dict[str, str]]:

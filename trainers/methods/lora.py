@@ -82,6 +82,17 @@ class LoRAMethod(Method):
                 parameter.data = parameter.data.float()
         return groups
 
+    def artifact_bytes(self, components: Components, config: LoRAConfig) -> int:
+        """Each targeted layer gets a down (rank x in) and an up (out x rank) matrix; peft matches targets as
+        name suffixes."""
+        targets = [(components.unet, UNET_TARGETS[config.unet_targets])]
+        if config.train_text_encoder:
+            targets += [(encoder, TEXT_ENCODER_TARGETS) for _, encoder in components.family.text_encoders(components)]
+        values = sum(config.rank * (layer.weight.shape[0] + layer.weight.shape[1])
+                     for model, names in targets for name, layer in model.named_modules()
+                     if any(name == n or name.endswith("." + n) for n in names) and hasattr(layer, "weight"))
+        return values * SAVE_DTYPES[config.save_precision].itemsize
+
     def export(self, components: Components, config: LoRAConfig, result: TrainResult,
                path: Path) -> tuple[Path, dict[str, str]]:
         tensors = kohya_state_dict(components, SAVE_DTYPES[config.save_precision],

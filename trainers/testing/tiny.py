@@ -24,6 +24,7 @@ from ..families import openclip, sd2
 from ..families.ldm import heads_for
 from ..families.sd15 import flat_text_state_dict
 from ..models import save_diffusers, save_single_file
+from ..preflight import check_output_folder
 from .tokenizer import write_tokenizer
 
 ARCHS = ("sd15", "sd2", "sdxl")
@@ -141,6 +142,7 @@ def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, predicti
                     arch: str = "sd15") -> dict:
     """Write ``out/diffusers/`` and ``out/model.safetensors`` (+ ``out/tokenizer/``); return their paths."""
     out = Path(out)
+    check_output_folder(out, "--out")
     components = random_components(size, seed, prediction_type, tokenizer_dir=out / "tokenizer", arch=arch)
     family = components.family
     modules = [components.unet, components.vae] + [encoder for _, encoder in family.text_encoders(components)]
