@@ -24,12 +24,12 @@ def trainer_only(unique: str, **inputs) -> dict:
 
 
 # (what, TrainLoRA inputs, what the message must name). NaN passes ComfyUI's own min/max check (every comparison
-# with NaN is false): the pack's validation is what refuses it.
+# with NaN is false; infinity ComfyUI refuses itself): the pack's validation is what refuses it.
 CASES = [
     ("NaN learning rate", {"lr": math.nan}, "lr"),
     ("NaN gradient clipping", {"max_grad_norm": math.nan}, "max_grad_norm"),
     ("NaN alpha", {"alpha": math.nan}, "alpha"),
-    ("infinite noise offset", {"noise_offset": math.inf}, "noise_offset"),
+    ("NaN noise offset", {"noise_offset": math.nan}, "noise_offset"),
     ("a name that is only path characters", {"name": "///"}, "'///'"),
 ]
 
