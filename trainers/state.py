@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 import warnings
@@ -326,9 +327,14 @@ class TrainingSession(StepHooks):
                         "scaler": live.scaler.state_dict() if live.scaler else None,
                         "rng": rng or _rng_states(live.generator)}, tmp / TORCH_FILE)
             (tmp / INFO_FILE).write_text(json.dumps(info), encoding="utf-8")
+        for leftover in self.folder.glob(".step-*.removing"):  # a killed run's, see below
+            shutil.rmtree(leftover, ignore_errors=True)
         for old in self.folder.glob("step-*"):  # only once the new save is complete
             if old != target and _SAVE.match(old.name):
-                shutil.rmtree(old, ignore_errors=True)
+                # Hidden first: a kill half-way through removing it must not leave a visible, incomplete save.
+                doomed = old.with_name(f".{old.name}.removing")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     def _restore(self, save: Path) -> None:
         live = self.live
