@@ -45,7 +45,11 @@ models = pack("trainers.models")
 dreambooth = pack("trainers.methods.dreambooth")
 lora = pack("trainers.methods.lora")
 embedding = pack("trainers.methods.embedding")
-world = pack("bench.quality.world")
+metrics = pack("trainers.metrics")
+sampling = pack("trainers.sampling")
+testing = pack("trainers.testing")
+world = pack("trainers.testing.toyworld")
+toyfeatures = pack("trainers.testing.toyfeatures")
 toymodel = pack("bench.quality.toymodel")
 
 CPU = torch.device("cpu")
@@ -242,13 +246,8 @@ def test_a_broken_trainer_fails_the_check(mini_model, tmp_path, trainer, breakag
 
 @pytest.fixture(scope="module")
 def toy_model():
-    """The benchmark's pretrained toy model, if ``python -m bench.quality pretrain`` has cached it (~13 min once)."""
-    toy = toymodel.TOY
-    path = pack("bench.quality.assets").cache_root() / f"{toy.name}-{toy.fingerprint()}" / "model.safetensors"
-    if not path.is_file():
-        pytest.skip(f"the pretrained toy model is not cached ({path}); build it with `python -m bench.quality "
-                    "pretrain`")
-    return path
+    """The pretrained toy model shipped with the pack (``trainers/testing/toy_model/``)."""
+    return testing.TOY_MODEL / "model.safetensors"
 
 
 TOY_TI = dict(lr=0.2, steps=60)  # the benchmark's learning rate; fewer steps
@@ -270,3 +269,50 @@ def test_a_broken_textual_inversion_fails_the_check_on_the_pretrained_toy_model(
     else:
         broken = learn(toy_model, tmp_path, "embedding", breakage=BREAKAGES[breakage], **TOY_TI)
     assert broken.failures("toy_embedding"), broken.subject
+
+
+# ---------------------------------------------------------------------------------------------------- fidelity
+
+# The quality benchmark's settings for the toy model (bench/quality/benchmark.py), with fewer steps and no prior
+# preservation, so that each check fits in well under a minute on one core.
+TOY_FIDELITY = {
+    "dreambooth": dict(lr=5e-4, steps=80),
+    "lora": dict(lr=3e-3, rank=16, alpha=16.0, steps=80),
+    "embedding": dict(lr=0.2, steps=100),
+}
+FIDELITY_SEEDS = [11, 12, 13, 14, 15, 16]
+MIN_FIDELITY_GAIN = 0.1  # over the base model, in cosine of the feature network's embeddings
+
+
+@pytest.fixture(scope="module")
+def toy_embedder():
+    return toyfeatures.load_toy_embedder(testing.TOY_MODEL / "features.safetensors")
+
+
+def subject_fidelity(components, prompt: str, embedder) -> float:
+    """The DINO score, with the toy feature network, of samples of ``prompt`` against the subject photos."""
+    samples = sampling.sample_images(components, [prompt] * len(FIDELITY_SEEDS), FIDELITY_SEEDS,
+                                     resolution=RESOLUTION, steps=10, guidance=5.0)
+    return metrics.dino_score(embedder, samples, SUBJECT).score
+
+
+@pytest.fixture(scope="module")
+def base_fidelity(toy_model, toy_embedder) -> float:
+    return subject_fidelity(models.load_base(toy_model), PROMPT, toy_embedder)
+
+
+@pytest.mark.parametrize("variant", ["working", "frozen"])
+@pytest.mark.parametrize("trainer", ["dreambooth", "lora", "embedding"])
+def test_each_trainer_raises_subject_fidelity_over_the_base(toy_model, toy_embedder, base_fidelity, tmp_path,
+                                                            trainer, variant):
+    """Samples of the trained prompt look like the subject (to the feature network) clearly more than the base
+    model's do; a frozen trainer's are the base model's own samples."""
+    method_type, _ = configs()[trainer]
+    learning = learn(toy_model, tmp_path, trainer, method_class=frozen(method_type) if variant == "frozen" else None,
+                     **TOY_FIDELITY[trainer])
+    fidelity = subject_fidelity(learning.components, TI_PROMPT if trainer == "embedding" else PROMPT, toy_embedder)
+    print(f"fidelity {trainer} {variant}: {fidelity:.3f} (base {base_fidelity:.3f})")
+    if variant == "working":
+        assert fidelity > base_fidelity + MIN_FIDELITY_GAIN, (fidelity, base_fidelity)
+    else:
+        assert fidelity <= base_fidelity + MIN_FIDELITY_GAIN, (fidelity, base_fidelity)

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from . import features, toymodel
-from .pack import REPO
+from .pack import REPO, trainer
 
 FEATURES_RECIPE = "1"
-SHIPPED = REPO / "trainers" / "testing" / "toy_model"
+SHIPPED = trainer("testing").TOY_MODEL
 # The shipped model is the fp32 training result stored in fp16: half the size, and the toy model's samples and
 # scores do not tell the two apart (recipe.json records the VAE's PSNR measured on the fp16 file).
 SHIPPED_DTYPE = torch.float16
