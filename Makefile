@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  make demo  (train every method on the embedded tiny model)  and  make test.
+# Two commands on a fresh machine:  make demo  (personalise the shipped toy model with every method)  and  make test.
 # Both create .venv with the CPU build of torch 2.13.0 and the pinned versions in constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv

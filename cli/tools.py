@@ -84,6 +84,6 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
                         "check: 0.1)")
 
 
-DEMO = Command(name="demo", help="train every method on the embedded tiny model and made-up photos; write the "
-               "artifacts, samples and a report", add_arguments=_demo_arguments,
+DEMO = Command(name="demo", help="personalise the shipped toy model on photos of a toy with every method; write "
+               "the artifacts, a sample grid, loss curves and a scored report", add_arguments=_demo_arguments,
                run=lambda args, _config: run_demo(args.out, args.steps_scale))

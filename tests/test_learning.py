@@ -18,11 +18,15 @@ target for the prediction type (``loop.denoising_target``), timesteps stuck at 0
 draws timesteps from), and no noise (``add_noise`` adds none). Each must fail the check.
 
 Textual Inversion moves one token vector, and so little text reaches this tiny UNet that its ratio is only just
-below 1 (about 0.9996): its check is that ratio together with structural checks (the token table grew by one row,
-every other weight is bit-identical, the new row moved); here only the frozen variant is asserted to fail. On the
-benchmark's pretrained toy model, where words matter, the ratio does tell it from its broken variants (working 0.997,
-wrong target 2.02, timesteps at 0 1.05, frozen 1.000) — except "no noise" (0.971), a known blind spot kept as a
-strict xfail. Those tests run when the toy model is cached (``python -m bench.quality pretrain``), and skip otherwise.
+below 1 (about 0.9996): its check here is that ratio together with structural checks (the token table grew by one row,
+every other weight is bit-identical, the new row moved), and only the frozen variant is asserted to fail.
+
+On the pretrained toy model shipped with the pack (``trainers/testing/toy_model/``) the checks measure what the
+trainers are for: samples of the trained prompt must look like the subject to the toy world's feature network
+(``metrics.dino_score`` against the subject photos) clearly more than the base model's samples do, for each trainer;
+a frozen trainer gives the base model's samples (Textual Inversion's frozen "toy" vector: those of "a photo of a
+toy") and fails. (The denoising-loss ratio does not tell Textual Inversion from its broken variants on this model:
+timesteps pinned at 0 give 0.9985, no noise 0.9997, against 0.965 working.)
 """
 
 from __future__ import annotations
@@ -64,8 +68,8 @@ OTHER = world.other_photos(4, RESOLUTION, seed=0)[0]  # other toys, none sharing
 
 # Limits of the check, per trainer: the after/before ratio on the subject must be below MAX_RATIO; and, where given,
 # the drop on the other photos may be at most OTHER_SHARE of the drop on the subject.
-# Textual Inversion: any drop on MINI (with the structural checks); a clear one on the pretrained toy model.
-MAX_RATIO = {"dreambooth": 0.95, "lora": 0.96, "embedding": 1.0, "toy_embedding": 0.999}
+# Textual Inversion: any drop on MINI (with the structural checks; its fidelity check is on the shipped toy model).
+MAX_RATIO = {"dreambooth": 0.95, "lora": 0.96, "embedding": 1.0}
 OTHER_SHARE = {"dreambooth": 0.5, "lora": 0.5}
 
 
@@ -250,33 +254,12 @@ def toy_model():
     return testing.TOY_MODEL / "model.safetensors"
 
 
-TOY_TI = dict(lr=0.2, steps=60)  # the benchmark's learning rate; fewer steps
-
-
-def test_textual_inversion_on_the_pretrained_toy_model(toy_model, tmp_path):
-    """Where the text matters, the ratio tells a working Textual Inversion from a broken one."""
-    working = learn(toy_model, tmp_path, "embedding", **TOY_TI)
-    assert working.failures("toy_embedding") == [], working.subject
-
-
-@pytest.mark.parametrize("breakage", ["frozen", "wrong_target", "timesteps_at_zero", pytest.param(
-    "no_noise", marks=pytest.mark.xfail(strict=True, reason="a known blind spot: trained on un-noised latents, the "
-                                        "vector still learns the subject's look from the -sqrt(1-a)x0 part of the "
-                                        "v target, and the ratio drops (0.971, below the working run's 0.997)"))])
-def test_a_broken_textual_inversion_fails_the_check_on_the_pretrained_toy_model(toy_model, tmp_path, breakage):
-    if breakage == "frozen":
-        broken = learn(toy_model, tmp_path, "embedding", method_class=frozen(embedding.EmbeddingMethod), **TOY_TI)
-    else:
-        broken = learn(toy_model, tmp_path, "embedding", breakage=BREAKAGES[breakage], **TOY_TI)
-    assert broken.failures("toy_embedding"), broken.subject
-
-
 # ---------------------------------------------------------------------------------------------------- fidelity
 
 # The quality benchmark's settings for the toy model (bench/quality/benchmark.py), with fewer steps and no prior
 # preservation, so that each check fits in well under a minute on one core.
 TOY_FIDELITY = {
-    "dreambooth": dict(lr=5e-4, steps=80),
+    "dreambooth": dict(lr=5e-4, steps=50),
     "lora": dict(lr=3e-3, rank=16, alpha=16.0, steps=80),
     "embedding": dict(lr=0.2, steps=100),
 }
@@ -301,8 +284,9 @@ def base_fidelity(toy_model, toy_embedder) -> float:
     return subject_fidelity(models.load_base(toy_model), PROMPT, toy_embedder)
 
 
-@pytest.mark.parametrize("variant", ["working", "frozen"])
-@pytest.mark.parametrize("trainer", ["dreambooth", "lora", "embedding"])
+# A frozen full fine-tune samples exactly what a frozen LoRA does (the base model): one of the two is enough.
+@pytest.mark.parametrize("trainer, variant", [("dreambooth", "working"), ("lora", "working"), ("lora", "frozen"),
+                                              ("embedding", "working"), ("embedding", "frozen")])
 def test_each_trainer_raises_subject_fidelity_over_the_base(toy_model, toy_embedder, base_fidelity, tmp_path,
                                                             trainer, variant):
     """Samples of the trained prompt look like the subject (to the feature network) clearly more than the base
