@@ -4,6 +4,8 @@
     python -m bench.quality pretrain     # rebuild the toy model and feature network, compare with the shipped ones
     python -m bench.quality pretrain --ship   # ... and write them to trainers/testing/toy_model/
     python -m bench.quality --seeds 0    # a quicker single-seed run
+    python -m bench.quality --subject tuning --seeds 0 --methods lora --set lora_lr=1e-3 --out /tmp/sweep
+                                         # one point of a hyper-parameter sweep, on the tuning subject
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps for DreamBooth and LoRA")
     parser.add_argument("--methods", default=None, help="comma-separated subset of: dreambooth, "
                         "dreambooth_no_prior, lora, lora_no_prior, embedding")
+    parser.add_argument("--subject", default="reported", choices=("reported", "tuning"), help="the toy to "
+                        "personalize: the reported one, or the one hyper-parameters are tuned on")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one numeric or boolean field of benchmark.Settings (repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are small, "
                         "and on a busy 2-core machine a second thread slows every operator down)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from . import assets
-    from .benchmark import Settings, run_benchmark
+    from .benchmark import Settings, override, run_benchmark
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -42,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = assets.pretrain(args.cache, ship=args.ship, log=log)
         print(json.dumps(recipe, indent=2))
         return 0
-    settings = Settings(seeds=tuple(int(s) for s in args.seeds.split(",")))
+    settings = Settings(seeds=tuple(int(s) for s in args.seeds.split(",")), subject=args.subject)
+    for assignment in args.set:
+        override(settings, assignment)
     if args.steps:
         settings.steps = args.steps
     if args.methods:
