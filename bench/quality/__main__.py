@@ -4,6 +4,7 @@
     python -m bench.quality pretrain     # rebuild the toy model and feature network, compare with the shipped ones
     python -m bench.quality pretrain --ship   # ... and write them to trainers/testing/toy_model/
     python -m bench.quality --seeds 0    # a quicker single-seed run
+    python -m bench.quality merge /tmp/seed0 /tmp/seed1 /tmp/seed2   # one report from one process per seed
     python -m bench.quality --subject tuning --seeds 0 --methods lora --set lora_lr=1e-3 --out /tmp/sweep
                                          # one point of a hyper-parameter sweep, on the tuning subject
 """
@@ -19,7 +20,8 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "pretrain"))
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "pretrain", "merge"))
+    parser.add_argument("folders", nargs="*", help="merge: the results folders of runs on different seeds")
     parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
     parser.add_argument("--cache", default=None, help="cache folder for the toy model, the feature network and "
                         "class images (default: $PERSONALIZE_QUALITY_CACHE or .cache/quality)")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from . import assets
-    from .benchmark import Settings, override, run_benchmark
+    from .benchmark import Settings, merge_reports, override, run_benchmark
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -48,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         recipe = assets.pretrain(args.cache, ship=args.ship, log=log)
         print(json.dumps(recipe, indent=2))
         return 0
+    kwargs = {"out": args.out} if args.out else {}
+    if args.command == "merge":
+        report = merge_reports(args.folders, **kwargs)
+        print(json.dumps({"results": report["results"], "timing": report["timing"]}, indent=2))
+        return 0
     settings = Settings(seeds=tuple(int(s) for s in args.seeds.split(",")), subject=args.subject)
     for assignment in args.set:
         override(settings, assignment)
@@ -55,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         settings.steps = args.steps
     if args.methods:
         settings.methods = tuple(m.strip() for m in args.methods.split(","))
-    kwargs = {"out": args.out} if args.out else {}
     report = run_benchmark(settings=settings, cache=args.cache, log=log, **kwargs)
     print(json.dumps({"results": report["results"], "timing": report["timing"], "grid": report["grid"]}, indent=2))
     return 0

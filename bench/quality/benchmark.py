@@ -253,11 +253,7 @@ def run_benchmark(out: str | Path = REPO / "bench" / "results", settings: Settin
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    report = {
-        "results": _aggregate(results, base_runs, real, settings),
-        "learning_ratios": {name: {k: _stats([r[f"learning_ratio_{k}"] for r in runs]) for k in ("subject", "other")}
-                            for name, runs in results.items()},
-        "per_seed": {name: runs for name, runs in results.items()} | {"base": base_runs},
+    report = _summaries(results, base_runs, real) | {
         "settings": asdict(settings) | {"instance": subject.describe(), "instance_prompt": INSTANCE_PROMPT,
                                         "textual_inversion_prompt": TI_PROMPT, "class_prompt": world.CLASS_PROMPT},
         "feature_extractor": {"name": "toy-world CNN (features.py), cosine of its embeddings"} | feature_info,
@@ -276,7 +272,41 @@ def run_benchmark(out: str | Path = REPO / "bench" / "results", settings: Settin
     return report
 
 
-def _aggregate(results, base_runs, real, settings) -> dict:
+def _summaries(results: dict[str, list[dict]], base_runs: list[dict], real: dict) -> dict:
+    return {"results": _aggregate(results, base_runs, real),
+            "learning_ratios": {name: {k: _stats([r[f"learning_ratio_{k}"] for r in runs])
+                                       for k in ("subject", "other")} for name, runs in results.items()},
+            "per_seed": {name: runs for name, runs in results.items()} | {"base": base_runs}}
+
+
+def merge_reports(folders: list[str | Path], out: str | Path = REPO / "bench" / "results") -> dict:
+    """One report from runs of the same settings on different seeds (e.g. one process per seed, run side by side
+    on a machine whose cores are shared); the sample grid is the first run's."""
+    reports = [json.loads((Path(folder) / "quality.json").read_text()) for folder in folders]
+    first, out = reports[0], Path(out)
+    for other in reports[1:]:
+        if {k: v for k, v in other["settings"].items() if k != "seeds"} != \
+                {k: v for k, v in first["settings"].items() if k != "seeds"}:
+            raise SystemExit(f"merge: {folders[0]} and another run differ in settings other than the seeds")
+    names = [name for name in first["per_seed"] if name != "base"]
+    results = {name: [row for report in reports for row in report["per_seed"][name]] for name in names}
+    base_runs = [row for report in reports for row in report["per_seed"]["base"]]
+    real = {k: first["results"]["real_images"]["without_prior"][k]["mean"] for k in ("fidelity", "div")}
+    seconds = [report["timing"]["benchmark_seconds"] for report in reports]
+    report = first | _summaries(results, base_runs, real) | {
+        "settings": first["settings"] | {"seeds": [s for report in reports for s in report["settings"]["seeds"]]},
+        "timing": first["timing"] | {"benchmark_seconds": max(seconds), "benchmark_seconds_per_process": seconds,
+                                     "processes": len(reports)}}
+    out.mkdir(parents=True, exist_ok=True)
+    grid = out / "quality.png"
+    shutil.copyfile(Path(folders[0]) / "quality.png", grid)
+    report["grid"] = str(grid.relative_to(REPO)) if grid.is_relative_to(REPO) else str(grid)
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "quality.md").write_text(markdown(report))
+    return report
+
+
+def _aggregate(results, base_runs, real) -> dict:
     table: dict = {"real_images": {"without_prior": {"fidelity": _stats([real["fidelity"]]), "pres": None,
                                                      "div": _stats([real["div"]])}},
                    "base_model": {"without_prior": {k: _stats([r[k] for r in base_runs])
