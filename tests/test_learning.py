@@ -300,3 +300,10 @@ def test_each_trainer_raises_subject_fidelity_over_the_base(toy_model, toy_embed
         assert fidelity > base_fidelity + MIN_FIDELITY_GAIN, (fidelity, base_fidelity)
     else:
         assert fidelity <= base_fidelity + MIN_FIDELITY_GAIN, (fidelity, base_fidelity)
+
+
+def test_the_shipped_toy_model_is_the_one_the_current_code_describes():
+    """The benchmark uses the shipped files only while their recipe matches the code (else it pretrains for an hour
+    and a half): a change to the toy model's spec, the toy world or the feature network must ship new files, or at
+    least a recipe.json that says they still fit."""
+    assert pack("bench.quality.assets").shipped_recipe() is not None
