@@ -9,8 +9,8 @@ from ..trainers.methods.dreambooth import DreamBoothConfig, DreamBoothMethod, ch
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy, training_device
 from .schema import config_from_inputs, option_inputs
-from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, single_inputs, trainer_inputs, \
-    training_ui, validation_grid_output
+from .trainer_node import caption_lines, run_inputs, single_inputs, trainer_inputs, \
+    training_ui, validation_grid_output, validation_grid_socket
 
 
 class TrainDreamBooth(io.ComfyNode):
@@ -28,7 +28,7 @@ class TrainDreamBooth(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.Vae.Output(display_name="vae"),
                      io.String.Output(display_name="ckpt_name", tooltip="file name inside models/checkpoints"),
-                     io.Image.Output(display_name="loss_curve"), VALIDATION_GRID_OUTPUT],
+                     io.Image.Output(display_name="loss_curve"), validation_grid_socket()],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
             is_input_list=True,

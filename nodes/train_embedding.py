@@ -11,8 +11,8 @@ from ..trainers.methods.embedding import EmbeddingConfig, EmbeddingMethod
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy
 from .schema import config_from_inputs, option_inputs
-from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, single_inputs, trainer_inputs, \
-    training_ui, validation_grid_output
+from .trainer_node import caption_lines, run_inputs, single_inputs, trainer_inputs, \
+    training_ui, validation_grid_output, validation_grid_socket
 
 
 class TrainEmbedding(io.ComfyNode):
@@ -30,7 +30,7 @@ class TrainEmbedding(io.ComfyNode):
                      io.String.Output(display_name="prompt_fragment", tooltip="embedding:<name>, for a prompt"),
                      io.Clip.Output(display_name="clip", tooltip="the input CLIP, passed on after the embedding "
                                     "is written"),
-                     io.Image.Output(display_name="loss_curve"), VALIDATION_GRID_OUTPUT],
+                     io.Image.Output(display_name="loss_curve"), validation_grid_socket()],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
             is_input_list=True,

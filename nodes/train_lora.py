@@ -8,8 +8,8 @@ from ..trainers.methods.lora import LoRAConfig, LoRAMethod
 from ..trainers.report import loss_curve_image, pil_to_image_batch
 from .bridge import train_in_comfy
 from .schema import config_from_inputs, option_inputs
-from .trainer_node import VALIDATION_GRID_OUTPUT, caption_lines, run_inputs, single_inputs, trainer_inputs, \
-    training_ui, validation_grid_output
+from .trainer_node import caption_lines, run_inputs, single_inputs, trainer_inputs, \
+    training_ui, validation_grid_output, validation_grid_socket
 from .types import LoRAArtifact
 
 
@@ -26,7 +26,7 @@ class TrainLoRA(io.ComfyNode):
             outputs=[LoRAArtifact.Output(display_name="lora"),
                      io.Image.Output(display_name="loss_curve"),
                      io.String.Output(display_name="lora_name", tooltip="file name inside models/loras"),
-                     VALIDATION_GRID_OUTPUT],
+                     validation_grid_socket()],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
             is_input_list=True,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .dino_score import clip_choices, dino_choices
+from .dino_score import NO_CLIP, clip_choices, dino_choices
 
 NO_DINO = "(none)"
 RUN_INPUTS = ("resume", "dino_model", "clip_model")
-VALIDATION_GRID_OUTPUT = io.Image.Output(display_name="validation_grid", tooltip="the validation samples, one row "
-                                         "per validated step, the chosen step marked")
+def validation_grid_socket() -> io.Output:
+    """A new output each time: ComfyUI numbers an output without an id by its place in the node, in the object."""
+    return io.Image.Output(display_name="validation_grid", tooltip="the validation samples, one row per validated "
+                           "step, the chosen step marked")
 
 
 def trainer_inputs(default_name: str) -> list[io.Input]:
@@ -38,7 +40,8 @@ def trainer_inputs(default_name: str) -> list[io.Input]:
         io.Combo.Input("dino_model", options=[NO_DINO] + dino_choices(), default=NO_DINO, optional=True,
                        tooltip="DINO ViT-S/16 in models/dino that scores the validation samples (validate_every) "
                        "and picks the best step (select_best)"),
-        io.Combo.Input("clip_model", options=clip_choices(), optional=True, tooltip="a Hugging Face CLIP folder "
+        io.Combo.Input("clip_model", options=clip_choices(), default=NO_CLIP, optional=True,
+                       tooltip="a Hugging Face CLIP folder "
                        "in models/clip_vision: CLIP-I and CLIP-T of the validation samples"),
         io.Mask.Input("masks", optional=True, tooltip="masked loss: one mask per image at its size (1 = subject; "
                       "e.g. a segmentation node's MASK, or LoadImage's alpha); the background counts mask_floor"),
