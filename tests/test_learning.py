@@ -307,3 +307,21 @@ def test_the_shipped_toy_model_is_the_one_the_current_code_describes():
     and a half): a change to the toy model's spec, the toy world or the feature network must ship new files, or at
     least a recipe.json that says they still fit."""
     assert pack("bench.quality.assets").shipped_recipe() is not None
+
+
+def test_validation_dino_rises_over_the_steps_on_the_pretrained_toy_model(toy_model, toy_embedder, base_fidelity,
+                                                                         tmp_path):
+    """Validation during a DreamBooth run scores the subject ever more like the photos (the toy feature network as
+    its DINO model), and the best step it picks is a late one, well above the base model."""
+    method_type, config = configs()["dreambooth"]
+    config = dataclasses.replace(config, **TOY_FIDELITY["dreambooth"], validate_every=5, validation_images=2,
+                                 validation_sampler_steps=10)
+    artifact = run.personalize(models.load_base(toy_model), method_type(config), SUBJECT, None, config,
+                               tmp_path / "validated.safetensors", device=CPU, dino=toy_embedder)
+    table = artifact.result.validation
+    dino = [row["dino"] for row in table]
+    print("validation DINO by step:", [(row["step"], round(row["dino"], 3)) for row in table])
+    assert [row["step"] for row in table] == list(range(5, 55, 5))
+    early, late = sum(dino[:3]) / 3, sum(dino[-3:]) / 3
+    assert late > early + 0.05, (early, late)
+    assert artifact.result.best_step >= 25 and max(dino) > base_fidelity + MIN_FIDELITY_GAIN
