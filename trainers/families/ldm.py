@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PersonalizeError
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
@@ -185,3 +187,23 @@ def infer_vae_config(vae_sd: dict, base: dict) -> dict:
         up_block_types=["UpDecoderBlock2D"] * levels,
     )
     return config
+
+
+def split_by_prefix(state_dict: dict, prefixes: dict[str, str], passed_through: frozenset = frozenset()
+                    ) -> tuple[dict[str, dict], dict]:
+    """A single file's components by key prefix (prefixes removed), and the keys none of them holds (or that are
+    ``passed_through``: in the file but in no model) as they are; the ``v_pred`` marker is neither, since it is
+    written from the prediction type."""
+    parts = {name: {} for name in prefixes}
+    extras = {}
+    for key, value in state_dict.items():
+        part = next((name for name, prefix in prefixes.items() if key.startswith(prefix)), None)
+        if part is None or key in passed_through:
+            if key != "v_pred":
+                extras[key] = value.clone()
+        else:
+            parts[part][key[len(prefixes[part]):]] = value
+    for name, part in parts.items():
+        if not part:
+            raise PersonalizeError(f"the checkpoint has no {name} weights (no keys starting with '{prefixes[name]}')")
+    return parts, extras

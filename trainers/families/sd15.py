@@ -101,28 +101,38 @@ class SD15(Family):
         scheduler_config["prediction_type"] = "v_prediction" if "v_pred" in state_dict else "epsilon"
         return DDPMScheduler.from_config(scheduler_config)
 
+    pipeline_parts = _PIPELINE_PARTS
+
     def from_diffusers(self, folder: Path, dtype: torch.dtype = torch.float32) -> Components:
-        for part in _PIPELINE_PARTS:
-            if not (folder / part).is_dir():
-                raise PersonalizeError(f"the diffusers folder {folder} has no '{part}' subfolder; an {self.title} "
-                                       f"pipeline needs {', '.join(_PIPELINE_PARTS)}")
+        self._check_folder(folder)
         with torch.inference_mode(False):
             unet = self._diffusers_model(UNet2DConditionModel, folder / "unet", dtype, "UNet")
             vae = self._diffusers_model(AutoencoderKL, folder / "vae", dtype, "VAE", channels_last=False)
-            _require_safetensors(folder / "text_encoder", "text encoder")
-            text_encoder, info = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype,
-                                                               use_safetensors=True, output_loading_info=True)
-            if info["missing_keys"] or info["mismatched_keys"]:  # transformers would leave those random
-                broken = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
-                raise PersonalizeError(f"{folder / 'text_encoder'} lacks weights for {len(broken)} tensors (e.g. "
-                                       f"{broken[:3]}); is the folder complete?")
-            text_encoder.eval()
+            text_encoder = self._diffusers_text_encoder(CLIPTextModel, folder, "text_encoder", dtype)
         components = Components(family=self, unet=unet, vae=vae, text_encoder=text_encoder,
                                 tokenizer=tokenizer_for(text_encoder, folder / "tokenizer"),
                                 noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
                                 name=folder.name, tokenizer_dir=str(folder / "tokenizer"))
         components.fingerprint = fingerprint_state_dict(self.to_original(components))
         return components
+
+    def _check_folder(self, folder: Path) -> None:
+        for part in self.pipeline_parts:
+            if not (folder / part).is_dir():
+                raise PersonalizeError(f"the diffusers folder {folder} has no '{part}' subfolder; an {self.title} "
+                                       f"pipeline needs {', '.join(self.pipeline_parts)}")
+
+    @staticmethod
+    def _diffusers_text_encoder(model_class, folder: Path, subfolder: str, dtype: torch.dtype, **config):
+        """A transformers text encoder from safetensors only, refused when any of its weights is missing."""
+        _require_safetensors(folder / subfolder, subfolder.replace("_", " "))
+        encoder, info = model_class.from_pretrained(folder, subfolder=subfolder, dtype=dtype, use_safetensors=True,
+                                                    output_loading_info=True, **config)
+        if info["missing_keys"] or info["mismatched_keys"]:  # transformers would leave those random
+            broken = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
+            raise PersonalizeError(f"{folder / subfolder} lacks weights for {len(broken)} tensors (e.g. "
+                                   f"{broken[:3]}); is the folder complete?")
+        return encoder.eval()
 
     def _diffusers_model(self, model_class, folder: Path, dtype: torch.dtype, what: str, channels_last: bool = True):
         weights = folder / "diffusion_pytorch_model.safetensors"

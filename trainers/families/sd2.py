@@ -18,11 +18,10 @@ from diffusers import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..components import Components, fingerprint_state_dict
-from ..errors import PersonalizeError
 from . import openclip
 from .base import TextEncoderSlot, shipped_config
 from .clip import openclip_tokenizer
-from .ldm import UNET_PREFIX, VAE_PREFIX, count_indices, heads_for
+from .ldm import UNET_PREFIX, VAE_PREFIX, count_indices, heads_for, split_by_prefix
 from .sd15 import SD15, flat_text_state_dict
 
 TEXT_PREFIX = "cond_stage_model.model."
@@ -116,19 +115,7 @@ def split_text(original: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
 def split_original(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """An SD2.x single file's components (prefixes removed), and the keys none of them holds."""
     prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "openclip": TEXT_PREFIX}
-    parts = {name: {} for name in prefixes}
-    extras = {}
-    for key, value in state_dict.items():
-        part = next((name for name, prefix in prefixes.items() if key.startswith(prefix)), None)
-        if part is None:
-            if key != "v_pred":  # the marker is written from the prediction type
-                extras[key] = value.clone()
-        else:
-            parts[part][key[len(prefixes[part]):]] = value
-    for name, part in parts.items():
-        if not part:
-            raise PersonalizeError(f"the checkpoint has no {name} weights (no keys starting with '{prefixes[name]}')")
-    return parts, extras
+    return split_by_prefix(state_dict, prefixes)
 
 
 FAMILY = SD2()

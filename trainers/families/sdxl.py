@@ -18,11 +18,10 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..components import Components, fingerprint_state_dict
-from ..errors import PersonalizeError
 from . import openclip
 from .base import TextEncoderSlot, shipped_config
 from .clip import infer_text_config, openclip_tokenizer, tokenize, tokenizer_for
-from .ldm import UNET_PREFIX, VAE_PREFIX, heads_for
+from .ldm import UNET_PREFIX, VAE_PREFIX, heads_for, split_by_prefix
 from .sd15 import SD15, flat_text_state_dict
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
@@ -93,20 +92,19 @@ class SDXL(SD15):
                       addition_time_embed_dim=(adm_width - pooled_width) // 6)
         return config
 
+    pipeline_parts = _PIPELINE_PARTS
+
     def from_diffusers(self, folder: Path, dtype: torch.dtype = torch.float32) -> Components:
-        for part in _PIPELINE_PARTS:
-            if not (folder / part).is_dir():
-                raise PersonalizeError(f"the diffusers folder {folder} has no '{part}' subfolder; an {self.title} "
-                                       f"pipeline needs {', '.join(_PIPELINE_PARTS)}")
+        self._check_folder(folder)
         with torch.inference_mode(False):
             unet = self._diffusers_model(UNet2DConditionModel, folder / "unet", dtype, "UNet")
             vae = self._diffusers_model(AutoencoderKL, folder / "vae", dtype, "VAE", channels_last=False)
-            text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype).eval()
+            text_encoder = self._diffusers_text_encoder(CLIPTextModel, folder, "text_encoder", dtype)
             tokenizer = tokenizer_for(text_encoder.config, folder / "tokenizer")
             tokenizer_2 = tokenizer_for(text_encoder.config, folder / "tokenizer_2")
             # As in from_original: pool at the end token, also with added tokens.
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                folder, subfolder="text_encoder_2", dtype=dtype, eos_token_id=tokenizer_2.eos_token_id).eval()
+            text_encoder_2 = self._diffusers_text_encoder(CLIPTextModelWithProjection, folder, "text_encoder_2", dtype,
+                                                          eos_token_id=tokenizer_2.eos_token_id)
         components = Components(family=self, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                                 noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
@@ -156,19 +154,7 @@ def split_original(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict]
     prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": CLIP_L_PREFIX, "openclip": BIGG_PREFIX}
     # Kept as they are in the file but not in the models (transformers' position-id buffer, OpenCLIP's logit scale).
     passed_through = {CLIP_L_PREFIX + "embeddings.position_ids", BIGG_PREFIX + "logit_scale"}
-    parts = {name: {} for name in prefixes}
-    extras = {}
-    for key, value in state_dict.items():
-        part = next((name for name, prefix in prefixes.items() if key.startswith(prefix)), None)
-        if part is None or key in passed_through:
-            if key != "v_pred":  # the marker is written from the prediction type
-                extras[key] = value.clone()
-        else:
-            parts[part][key[len(prefixes[part]):]] = value
-    for name, part in parts.items():
-        if not part:
-            raise PersonalizeError(f"the checkpoint has no {name} weights (no keys starting with '{prefixes[name]}')")
-    return parts, extras
+    return split_by_prefix(state_dict, prefixes, frozenset(passed_through))
 
 
 FAMILY = SDXL()
