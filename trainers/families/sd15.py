@@ -106,9 +106,7 @@ class SD15(Family):
     def from_diffusers(self, folder: Path, dtype: torch.dtype = torch.float32) -> Components:
         self._check_folder(folder)
         with torch.inference_mode(False):
-            unet = self._diffusers_model(UNet2DConditionModel, folder / "unet", dtype, "UNet")
-            vae = self._diffusers_model(AutoencoderKL, folder / "vae", dtype, "VAE", channels_last=False)
-            text_encoder = self._diffusers_text_encoder(CLIPTextModel, folder, "text_encoder", dtype)
+            unet, vae, text_encoder = self._diffusers_unet_vae_clip(folder, dtype)
         components = Components(family=self, unet=unet, vae=vae, text_encoder=text_encoder,
                                 tokenizer=tokenizer_for(text_encoder, folder / "tokenizer"),
                                 noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
@@ -121,6 +119,12 @@ class SD15(Family):
             if not (folder / part).is_dir():
                 raise PersonalizeError(f"the diffusers folder {folder} has no '{part}' subfolder; an {self.title} "
                                        f"pipeline needs {', '.join(self.pipeline_parts)}")
+
+    def _diffusers_unet_vae_clip(self, folder: Path, dtype: torch.dtype):
+        """The UNet, VAE and CLIP-L text encoder every family's diffusers folder holds."""
+        return (self._diffusers_model(UNet2DConditionModel, folder / "unet", dtype, "UNet"),
+                self._diffusers_model(AutoencoderKL, folder / "vae", dtype, "VAE", channels_last=False),
+                self._diffusers_text_encoder(CLIPTextModel, folder, "text_encoder", dtype))
 
     @staticmethod
     def _diffusers_text_encoder(model_class, folder: Path, subfolder: str, dtype: torch.dtype, **config):

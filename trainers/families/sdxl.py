@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..components import Components, fingerprint_state_dict
@@ -97,9 +97,7 @@ class SDXL(SD15):
     def from_diffusers(self, folder: Path, dtype: torch.dtype = torch.float32) -> Components:
         self._check_folder(folder)
         with torch.inference_mode(False):
-            unet = self._diffusers_model(UNet2DConditionModel, folder / "unet", dtype, "UNet")
-            vae = self._diffusers_model(AutoencoderKL, folder / "vae", dtype, "VAE", channels_last=False)
-            text_encoder = self._diffusers_text_encoder(CLIPTextModel, folder, "text_encoder", dtype)
+            unet, vae, text_encoder = self._diffusers_unet_vae_clip(folder, dtype)
             tokenizer = tokenizer_for(text_encoder.config, folder / "tokenizer")
             tokenizer_2 = tokenizer_for(text_encoder.config, folder / "tokenizer_2")
             # As in from_original: pool at the end token, also with added tokens.
