@@ -72,6 +72,7 @@ else:  # run as a script: python bench/gpu_check.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench import speed
 
+cell = speed.format_cell
 RESULTS = speed.REPO / "bench" / "results"
 STEPS, WARMUP = 20, 5  # WARMUP step intervals are dropped before the median s/step
 LOSS_WINDOW = 5
@@ -526,24 +527,6 @@ class Check:
 
 # --------------------------------------------------------------------------------------------------- markdown
 
-def _cell(value, kind: str = "") -> str:
-    if value is None:
-        return "–"
-    if kind == "s":
-        return f"{value:.4f}" if value < 1 else f"{value:.2f}"
-    if kind == "mb":
-        return f"{value:,.0f}"
-    if kind == "x":
-        return f"{value:.2f}×"
-    if kind == "%":
-        return f"{value:.0%}"
-    if kind == "f1":
-        return f"{value:.1f}"
-    if kind == "g3":
-        return f"{value:.3g}"
-    return str(value)
-
-
 def _check_cell(check: dict | None) -> str:
     if not check or check.get("passed") is None:
         return "–"
@@ -554,10 +537,10 @@ def markdown_row(entry: dict) -> list[str]:
     """The cells of one row of gpu.md (the test reads them back against gpu.json)."""
     status = entry["status"] + (f": {entry['reason'].splitlines()[0][:200]}" if entry.get("reason") else "")
     checks = entry.get("checks", {})
-    return [entry["id"], entry["what"], status, str(entry["resolution"]), _cell(entry.get("seconds_per_step"), "s"),
-            _cell(entry.get("it_per_s"), "f1"), _cell(entry.get("cuda_peak_mb"), "mb"),
-            _cell(entry.get("cuda_reserved_peak_mb"), "mb"), _cell(entry.get("unet_tflops"), "g3"),
-            _cell(entry.get("unet_mfu"), "%"), _cell(entry.get("startup_seconds"), "f1"),
+    return [entry["id"], entry["what"], status, str(entry["resolution"]), cell(entry.get("seconds_per_step"), "s"),
+            cell(entry.get("it_per_s"), "f1"), cell(entry.get("cuda_peak_mb"), "mb"),
+            cell(entry.get("cuda_reserved_peak_mb"), "mb"), cell(entry.get("unet_tflops"), "g3"),
+            cell(entry.get("unet_mfu"), "%"), cell(entry.get("startup_seconds"), "f1"),
             _check_cell(checks.get("loss_falls")), _check_cell(checks.get("loads_back")),
             _check_cell(checks.get("memory_back_to_baseline"))]
 
@@ -585,8 +568,8 @@ def render_markdown(report: dict) -> str:
     compared = [e for e in report["rows"] if e.get("ratios")]
     if compared:
         lines += ["", "| ours | diffusers example | s/step ours/theirs | peak VRAM ours/theirs |", "|---|---|---|---|"]
-        lines += [f"| {e['ratios']['ours']} | {e['id']} | {_cell(e['ratios']['seconds_per_step'], 'x')} | "
-                  f"{_cell(e['ratios'].get('cuda_peak'), 'x')} |" for e in compared]
+        lines += [f"| {e['ratios']['ours']} | {e['id']} | {cell(e['ratios']['seconds_per_step'], 'x')} | "
+                  f"{cell(e['ratios'].get('cuda_peak'), 'x')} |" for e in compared]
     details = [f"- {e['id']}, {name}: {check['detail']}" for e in report["rows"]
                for name, check in e.get("checks", {}).items() if check.get("detail")]
     if details:

@@ -633,7 +633,8 @@ def finish_cell(cell: dict) -> None:
 TARGETS = {"lora": 0.7, "embedding": 0.7, "dreambooth": 0.8, "dreambooth-prior": 0.8}
 
 
-def _fmt(value, kind: str) -> str:
+def format_cell(value, kind: str = "") -> str:
+    """A table cell of the benchmark reports (this one and gpu_check's): seconds, MB, bytes, ratios, shares."""
     if value is None:
         return "–"
     if kind == "s":
@@ -644,6 +645,12 @@ def _fmt(value, kind: str) -> str:
         return f"{value / 2**20:,.2f} MB" if value >= 2**20 else f"{value / 2**10:,.1f} KB"
     if kind == "x":
         return f"{value:.2f}×"
+    if kind == "%":
+        return f"{value:.0%}"
+    if kind == "f1":
+        return f"{value:.1f}"
+    if kind == "g3":
+        return f"{value:.3g}"
     return str(value)
 
 
@@ -679,10 +686,10 @@ def write_results(report: dict, out_dir: Path, started: float) -> None:
             continue
         ours = cell.get("ours_median", {})
         errors = [r["error"].splitlines()[0][:120] for side in ("ours", "theirs") for r in cell[side] if "error" in r]
-        row += [_fmt(ours.get("seconds_per_step"), "s"), _fmt(ours.get("startup_seconds"), "s"),
-                _fmt(ours.get("peak_rss_training_mb"), "mb"), _fmt(ours.get("artifact_bytes"), "bytes")]
+        row += [format_cell(ours.get("seconds_per_step"), "s"), format_cell(ours.get("startup_seconds"), "s"),
+                format_cell(ours.get("peak_rss_training_mb"), "mb"), format_cell(ours.get("artifact_bytes"), "bytes")]
         if report["machine"]["device"] == "cuda":
-            row += [_fmt(ours.get("cuda_peak_training_mb"), "mb"),
+            row += [format_cell(ours.get("cuda_peak_training_mb"), "mb"),
                     f"{ours['unet_tflops']:.1f}" if ours.get("unet_tflops") else "–",
                     f"{ours['unet_mfu']:.0%}" if ours.get("unet_mfu") else "–"]
         if side_by_side:
@@ -691,11 +698,12 @@ def write_results(report: dict, out_dir: Path, started: float) -> None:
             speed = ratio.get("seconds_per_step")
             mark = "" if speed is None else (" ✓" if speed <= target else " ✗")
             rss = ratio.get("peak_rss_training_mb")
-            row += [_fmt(theirs.get("seconds_per_step"), "s"), _fmt(theirs.get("startup_seconds"), "s"),
-                    _fmt(theirs.get("peak_rss_training_mb"), "mb"), _fmt(theirs.get("artifact_bytes"), "bytes"),
-                    f"**{_fmt(speed, 'x')}**{mark}",
+            row += [format_cell(theirs.get("seconds_per_step"), "s"), format_cell(theirs.get("startup_seconds"), "s"),
+                    format_cell(theirs.get("peak_rss_training_mb"), "mb"),
+                    format_cell(theirs.get("artifact_bytes"), "bytes"),
+                    f"**{format_cell(speed, 'x')}**{mark}",
                     ", ".join(f"{r:.2f}" for r in cell.get("ratio_per_pair", [])) or "–", f"≤ {target}×",
-                    _fmt(rss, "x") + ("" if rss is None else (" ✓" if rss <= 1.0 else " ✗"))]
+                    format_cell(rss, "x") + ("" if rss is None else (" ✓" if rss <= 1.0 else " ✗"))]
         row.append(f"{cell['measured_at'][11:16]} ({cell['load_average'][0]})" if cell.get('measured_at') else "–")
         lines.append("| " + " | ".join(row) + " |")
         for error in errors:
