@@ -5,7 +5,16 @@ so everything inside the pack uses relative imports. Nothing from ComfyUI is imp
 only when ComfyUI asks for them through ``comfy_entrypoint``, so the pack also imports in plain Python.
 """
 
-from .trainers import __version__  # noqa: F401 - the pack's version, kept in the engine
+
+def __getattr__(name: str):
+    # The pack's version lives in the engine; read on demand, so that this file also imports as a plain module
+    # (pytest collecting a checkout whose folder name has a dot, e.g. one made by mktemp).
+    if name == "__version__":
+        from .trainers import __version__
+
+        return __version__
+    raise AttributeError(name)
+
 
 WEB_DIRECTORY = "./web"
 
